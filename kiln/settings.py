@@ -1,0 +1,86 @@
+"""One Settings object for every kiln process, read from KILN_* environment variables.
+
+It refuses bad configuration at start rather than failing on the first request.
+"""
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+def default_data_dir() -> Path:
+    return Path.home() / ".kiln"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="KILN_", extra="ignore")
+
+    # Where embedded state lives: SQLite database, artifacts, the generated API key.
+    data_dir: Path = Field(default_factory=default_data_dir)
+    # SQLAlchemy URL; empty means SQLite under data_dir.
+    database_url: str = ""
+    # Celery broker (Redis) URL; `kiln up` starts an embedded server and fills this in.
+    broker_url: str = ""
+    # Local artifact store; empty means data_dir/artifacts.
+    artifacts_dir: Path | None = None
+    # The single API key of this deployment; empty means the key file under data_dir.
+    api_key: SecretStr = SecretStr("")
+    # Celery queue that CPU jobs are sent to.
+    queue: str = Field(default="kiln", pattern=r"^[A-Za-z0-9_.\-]{1,64}$")
+
+    # Worker leases: a running job whose lease is not renewed for lease_s is considered lost.
+    lease_s: float = Field(default=60.0, gt=0)
+    heartbeat_s: float = Field(default=5.0, gt=0)
+    # Redis redelivers an unacknowledged message after this long; must outlast any job.
+    visibility_timeout_s: int = Field(default=48 * 3600, ge=60)
+    # The outbox: jobs committed while the broker was unreachable are published again by the API.
+    outbox_interval_s: float = Field(default=10.0, gt=0)
+    outbox_grace_s: float = Field(default=5.0, ge=0)
+
+    # Worker processes per `kiln worker`; torch threads per process are the cores divided by this.
+    worker_concurrency: int = Field(default=1, ge=1, le=256)
+
+    # Largest request body the API reads.
+    max_body_bytes: int = Field(default=1 << 20, ge=1024)
+
+    @field_validator("database_url", "broker_url")
+    @classmethod
+    def _strip(cls, value: str) -> str:
+        return value.strip()
+
+    @model_validator(mode="after")
+    def _heartbeat_within_lease(self) -> "Settings":
+        if self.heartbeat_s >= self.lease_s:
+            raise ValueError(
+                f"KILN_HEARTBEAT_S ({self.heartbeat_s}) must be shorter than KILN_LEASE_S ({self.lease_s}), "
+                "or every running job would look lost between two heartbeats"
+            )
+        return self
+
+    @property
+    def db_url(self) -> str:
+        return self.database_url or f"sqlite:///{self.data_dir / 'kiln.db'}"
+
+    @property
+    def artifacts_path(self) -> Path:
+        return self.artifacts_dir or self.data_dir / "artifacts"
+
+    @property
+    def api_key_file(self) -> Path:
+        return self.data_dir / "api_key"
+
+    def resolved_api_key(self) -> str:
+        """The configured key, else the one `kiln up` wrote under data_dir, else empty."""
+        if key := self.api_key.get_secret_value():
+            return key
+        try:
+            return self.api_key_file.read_text().strip()
+        except FileNotFoundError:
+            return ""
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

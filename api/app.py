@@ -1,0 +1,73 @@
+"""The FastAPI application factory: `uvicorn api.app:create_app --factory`."""
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+
+from fastapi import FastAPI, Request
+from starlette.concurrency import run_in_threadpool
+
+from api.deps import key_digest
+from api.errors import PayloadTooLarge, error_response, install_error_handlers
+from api.routes import health, jobs
+from api.services.outbox import publish_stranded
+from kiln import __version__
+from kiln.db import get_sessionmaker
+from kiln.settings import Settings, get_settings
+from kiln.storage import ArtifactStore
+
+log = logging.getLogger("kiln.api")
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or get_settings()
+    api_key = settings.resolved_api_key()
+    if not api_key:
+        raise RuntimeError(
+            f"No API key configured: set KILN_API_KEY or write one to {settings.api_key_file} "
+            "(`kiln up` creates it on first start)."
+        )
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        sweeper = asyncio.create_task(_sweep_outbox(settings))
+        yield
+        sweeper.cancel()
+
+    app = FastAPI(
+        title="kiln",
+        version=__version__,
+        summary="Training jobs as a service: submit a spec, watch the loss fall, download the weights.",
+        lifespan=lifespan,
+    )
+    app.state.api_key_digest = key_digest(api_key)
+    app.state.store = ArtifactStore(settings.artifacts_path)
+    install_error_handlers(app)
+
+    @app.middleware("http")
+    async def limit_body(request: Request, call_next):
+        # Refuse oversized bodies from the declared length before reading them.
+        length = request.headers.get("content-length")
+        if length and length.isdigit() and int(length) > settings.max_body_bytes:
+            err = PayloadTooLarge(f"The request body is over {settings.max_body_bytes} bytes; send a smaller one.")
+            return error_response(err.status, err.code, err.message)
+        return await call_next(request)
+
+    app.include_router(health.router)
+    app.include_router(jobs.router)
+    return app
+
+
+async def _sweep_outbox(settings: Settings) -> None:
+    def sweep() -> int:
+        with get_sessionmaker()() as session:
+            return publish_stranded(session, older_than_s=settings.outbox_grace_s)
+
+    while True:
+        await asyncio.sleep(settings.outbox_interval_s)
+        try:
+            if sent := await run_in_threadpool(sweep):
+                log.info("published %d job(s) from the outbox", sent)
+        except Exception:
+            log.warning("outbox sweep failed; will retry", exc_info=True)

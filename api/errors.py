@@ -1,0 +1,98 @@
+"""Every error leaves the API as {"error": {"code", "message", "details"}} with a sentence a person can act on."""
+
+import logging
+from http import HTTPStatus
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from sqlalchemy.exc import DBAPIError, OperationalError
+from starlette.exceptions import HTTPException
+
+log = logging.getLogger("kiln.api")
+
+
+class ApiError(Exception):
+    status = 400
+    code = "bad_request"
+
+    def __init__(self, message: str, details: Any = None, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.details = details
+        self.headers = headers
+
+
+class NotFound(ApiError):
+    status = 404
+    code = "not_found"
+
+
+class Conflict(ApiError):
+    status = 409
+    code = "conflict"
+
+
+class InvalidRequest(ApiError):
+    status = 422
+    code = "validation_error"
+
+
+class Unauthorized(ApiError):
+    status = 401
+    code = "unauthorized"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, headers={"WWW-Authenticate": "Bearer"})
+
+
+class PayloadTooLarge(ApiError):
+    status = 413
+    code = "payload_too_large"
+
+
+def error_response(status: int, code: str, message: str, details: Any = None, headers=None) -> JSONResponse:
+    body = {"error": {"code": code, "message": message, "details": details}}
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+def _field_path(loc: tuple) -> str:
+    return ".".join(str(part) for part in loc)
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(ApiError)
+    async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
+        return error_response(exc.status, exc.code, exc.message, exc.details, exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
+        details = [
+            {"field": _field_path(e["loc"]), "message": e["msg"].removeprefix("Value error, "), "type": e["type"]}
+            for e in exc.errors()
+        ]
+        fields = ", ".join(dict.fromkeys(d["field"] for d in details))
+        message = f"The request is invalid; fix these fields: {fields}."
+        return error_response(422, "validation_error", message, details)
+
+    @app.exception_handler(HTTPException)
+    async def _http(_: Request, exc: HTTPException) -> JSONResponse:
+        phrase = HTTPStatus(exc.status_code).phrase
+        message = exc.detail if isinstance(exc.detail, str) and exc.detail != phrase else f"{phrase}."
+        code = phrase.lower().replace(" ", "_").replace("-", "_")
+        return error_response(exc.status_code, code, message, headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(OperationalError)
+    @app.exception_handler(DBAPIError)
+    async def _database(_: Request, exc: DBAPIError) -> JSONResponse:
+        log.warning("database error: %s", exc.__class__.__name__, exc_info=exc)
+        return error_response(
+            503, "database_unavailable", "The database is unavailable; try again in a few seconds.",
+            headers={"Retry-After": "5"},
+        )
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error", exc_info=exc)
+        return error_response(500, "internal_error", "Something went wrong on the server; it has been logged.")

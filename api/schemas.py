@@ -1,0 +1,67 @@
+"""Response bodies of the public API (see API.md)."""
+
+from datetime import datetime
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict
+
+from kiln.tables import EpochMetric, Job, JobStatus
+
+
+class EpochMetrics(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    epoch: int
+    train_loss: float
+    val_loss: float | None
+    val_accuracy: float | None
+    lr: float
+    duration_s: float
+    samples_per_s: float
+
+
+class JobOut(BaseModel):
+    id: str
+    name: str | None
+    status: JobStatus
+    spec: dict[str, Any]
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    epochs_completed: int
+    attempt: int
+    worker: str | None
+    cancel_requested: bool
+    latest_metrics: EpochMetrics | None
+    error: str | None
+
+    @classmethod
+    def of(cls, job: Job, latest: EpochMetric | None) -> "JobOut":
+        return cls(
+            id=job.id, name=job.name, status=job.status, spec=job.spec,
+            created_at=job.created_at, started_at=job.started_at, finished_at=job.finished_at,
+            epochs_completed=job.epochs_completed, attempt=job.attempt, worker=job.worker,
+            cancel_requested=job.cancel_requested,
+            latest_metrics=EpochMetrics.model_validate(latest) if latest else None,
+            error=job.error,
+        )
+
+
+class JobList(BaseModel):
+    items: list[JobOut]
+    next_cursor: str | None
+
+
+class JobMetrics(BaseModel):
+    job_id: str
+    epochs: list[EpochMetrics]
+
+
+class ErrorBody(BaseModel):
+    code: str
+    message: str
+    details: Any = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorBody

@@ -1,0 +1,170 @@
+"""Job operations behind the routes: plain functions over a Session, scoped by owner in every query."""
+
+import base64
+import binascii
+import json
+import logging
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+from sqlalchemy import and_, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from api.errors import Conflict, InvalidRequest, NotFound
+from kiln.db import utcnow
+from kiln.dispatch import publish_train
+from kiln.spec import JobSpec
+from kiln.storage import ArtifactStore
+from kiln.tables import EpochMetric, Job, JobStatus
+
+log = logging.getLogger("kiln.api.jobs")
+
+
+@dataclass
+class Created:
+    job: Job
+    new: bool  # False when an Idempotency-Key matched an earlier job
+
+
+def create_job(session: Session, owner: str, spec: JobSpec, idempotency_key: str | None) -> Created:
+    if idempotency_key and (earlier := _by_idempotency_key(session, owner, idempotency_key)):
+        return Created(earlier, new=False)
+    job = Job(
+        id=str(uuid.uuid4()), owner=owner, name=spec.name, status=JobStatus.queued,
+        spec=spec.model_dump(mode="json"), idempotency_key=idempotency_key, created_at=utcnow(),
+        epochs_completed=0, attempt=0, cancel_requested=False,
+    )
+    session.add(job)
+    try:
+        session.commit()
+    except IntegrityError:
+        # Two requests raced with the same key: the other one's job is the answer.
+        session.rollback()
+        if idempotency_key and (earlier := _by_idempotency_key(session, owner, idempotency_key)):
+            return Created(earlier, new=False)
+        raise
+    # Publish only after the commit, so a worker can never receive an id the database lacks.
+    publish(session, job.id)
+    return Created(job, new=True)
+
+
+def publish(session: Session, job_id: str) -> bool:
+    """Send a committed job to the broker and mark it published; on failure it stays in the outbox."""
+    try:
+        publish_train(job_id)
+    except Exception as exc:  # broker unreachable: the reconciler retries from the outbox
+        log.warning("could not publish job %s (%s); left in the outbox", job_id, exc)
+        return False
+    session.execute(update(Job).where(Job.id == job_id).values(published_at=utcnow()))
+    session.commit()
+    return True
+
+
+def _by_idempotency_key(session: Session, owner: str, key: str) -> Job | None:
+    return session.scalar(select(Job).where(Job.owner == owner, Job.idempotency_key == key))
+
+
+def get_job(session: Session, owner: str, job_id: str) -> Job:
+    job = session.scalar(select(Job).where(Job.id == job_id, Job.owner == owner))
+    if job is None:
+        raise NotFound(f"No job with id {job_id!r}.")
+    return job
+
+
+def latest_metrics(session: Session, job: Job) -> EpochMetric | None:
+    if job.epochs_completed == 0:
+        return None
+    return session.get(EpochMetric, (job.id, job.epochs_completed))
+
+
+def list_jobs(
+    session: Session, owner: str, *, statuses: Sequence[JobStatus], name: str | None, limit: int,
+    cursor: str | None,
+) -> tuple[list[tuple[Job, EpochMetric | None]], str | None]:
+    """Newest first, with each job's latest metrics joined in one query; keyset pagination."""
+    query = (
+        select(Job, EpochMetric)
+        .outerjoin(EpochMetric, and_(EpochMetric.job_id == Job.id, EpochMetric.epoch == Job.epochs_completed))
+        .where(Job.owner == owner)
+        .order_by(Job.created_at.desc(), Job.id.desc())
+        .limit(limit + 1)
+    )
+    if statuses:
+        query = query.where(Job.status.in_(statuses))
+    if name is not None:
+        query = query.where(Job.name == name)
+    if cursor:
+        created_at, last_id = _decode_cursor(cursor)
+        query = query.where(
+            (Job.created_at < created_at) | (and_(Job.created_at == created_at, Job.id < last_id))
+        )
+    rows = [(job, metric) for job, metric in session.execute(query)]
+    next_cursor = None
+    if len(rows) > limit:
+        rows = rows[:limit]
+        last = rows[-1][0]
+        next_cursor = _encode_cursor(last.created_at, last.id)
+    return rows, next_cursor
+
+
+def _encode_cursor(created_at: datetime, job_id: str) -> str:
+    raw = json.dumps([created_at.isoformat(), job_id]).encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def _decode_cursor(cursor: str) -> tuple[datetime, str]:
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
+        created_at, job_id = json.loads(raw)
+        return datetime.fromisoformat(created_at), str(job_id)
+    except (ValueError, TypeError, binascii.Error) as exc:
+        raise InvalidRequest(
+            "The cursor is not one this API issued; pass next_cursor from a previous page unchanged.",
+            details=[{"field": "query.cursor", "message": "invalid cursor"}],
+        ) from exc
+
+
+def job_metrics(session: Session, owner: str, job_id: str, since: int) -> list[EpochMetric]:
+    get_job(session, owner, job_id)
+    query = (
+        select(EpochMetric)
+        .where(EpochMetric.job_id == job_id, EpochMetric.epoch > since)
+        .order_by(EpochMetric.epoch)
+    )
+    return list(session.scalars(query))
+
+
+def cancel_job(session: Session, owner: str, job_id: str) -> Job:
+    """Queued: cancelled at once and never starts. Running: flagged; the worker stops at the next batch."""
+    job = get_job(session, owner, job_id)
+    if job.status.terminal:
+        raise Conflict(f"Job {job_id} has already {job.status.value}; only queued or running jobs can be cancelled.")
+    now = utcnow()
+    still_queued = session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.status == JobStatus.queued)
+        .values(status=JobStatus.cancelled, cancel_requested=True, finished_at=now)
+    )
+    if still_queued.rowcount == 0:  # a worker claimed it meanwhile: ask that worker to stop
+        session.execute(
+            update(Job).where(Job.id == job_id, Job.status == JobStatus.running).values(cancel_requested=True)
+        )
+    session.commit()
+    session.refresh(job)
+    if job.status in (JobStatus.succeeded, JobStatus.failed):  # it finished while we asked
+        raise Conflict(f"Job {job_id} has already {job.status.value}; only queued or running jobs can be cancelled.")
+    return job
+
+
+def weights_path(session: Session, store: ArtifactStore, owner: str, job_id: str) -> tuple[Job, Path]:
+    job = get_job(session, owner, job_id)
+    if job.status != JobStatus.succeeded:
+        raise Conflict(f"Job {job_id} is {job.status.value}; weights can be downloaded once it has succeeded.")
+    path = store.open_weights(job.id)
+    if path is None or job.weights_sha256 is None:
+        raise NotFound(f"The weights of job {job_id} are missing from the artifact store.")
+    return job, path

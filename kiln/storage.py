@@ -1,0 +1,39 @@
+"""The local artifact store: files keyed by job id, written atomically.
+
+Paths are built from validated ids and fixed file names only, never from user strings.
+"""
+
+import uuid
+from pathlib import Path
+
+WEIGHTS = "weights.safetensors"
+
+
+def parse_job_id(value: str) -> str:
+    """Canonical form of a job id, or ValueError; the only door from a string to a path."""
+    return str(uuid.UUID(value, version=4))
+
+
+class ArtifactStore:
+    def __init__(self, root: Path) -> None:
+        self.root = root.resolve()
+
+    def job_dir(self, job_id: str) -> Path:
+        return self.root / "jobs" / parse_job_id(job_id)
+
+    def path(self, job_id: str, name: str) -> Path:
+        if name not in {WEIGHTS}:
+            raise ValueError(f"unknown artifact {name!r}")
+        return self.job_dir(job_id) / name
+
+    def open_weights(self, job_id: str) -> Path | None:
+        """The weights file if present as a regular file inside the store (no symlinks followed out)."""
+        path = self.path(job_id, WEIGHTS)
+        try:
+            real = path.resolve(strict=True)
+        except FileNotFoundError:
+            return None
+        if not real.is_relative_to(self.root) or not real.is_file() or path.is_symlink():
+            return None
+        return real
+

@@ -57,8 +57,21 @@ def error_response(status: int, code: str, message: str, details: Any = None, he
     return JSONResponse(body, status_code=status, headers=headers)
 
 
-def _field_path(loc: tuple) -> str:
-    return ".".join(str(part) for part in loc)
+def _field_path(loc: tuple, body: Any) -> str:
+    """The path as the user wrote it: pydantic adds a discriminated union's tag (model.mlp.hidden),
+    which is dropped here by walking the submitted body alongside the location."""
+    parts, node = [str(loc[0])], body if loc[0] == "body" else None
+    for part in loc[1:]:
+        if isinstance(node, dict) and part not in node and node.get("type") == part:
+            continue
+        parts.append(str(part))
+        if isinstance(node, dict):
+            node = node.get(part)
+        elif isinstance(node, list) and isinstance(part, int) and 0 <= part < len(node):
+            node = node[part]
+        else:
+            node = None
+    return ".".join(parts)
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -69,7 +82,11 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
         details = [
-            {"field": _field_path(e["loc"]), "message": e["msg"].removeprefix("Value error, "), "type": e["type"]}
+            {
+                "field": _field_path(e["loc"], exc.body),
+                "message": e["msg"].removeprefix("Value error, "),
+                "type": e["type"],
+            }
             for e in exc.errors()
         ]
         fields = ", ".join(dict.fromkeys(d["field"] for d in details))

@@ -1,0 +1,123 @@
+"""Model weights as safetensors files that describe themselves: the file alone rebuilds the model.
+
+Tensors are the model's state_dict. The safetensors header metadata holds one key, "kiln", whose value
+is a JSON object with at least:
+
+    format         "kiln.weights/1"
+    model          the model spec (kiln.spec.ModelSpec as a dict), e.g. {"type": "mlp", "hidden": [64], ...}
+    in_features    int, columns of the raw input
+    out_features   int, width of the model's output
+    task           "classification" | "binary" | "regression"
+    loss           "cross_entropy" | "bce" | "mse"
+    classes        int, or None for regression
+    input_mean     list[float], per-feature mean of the training rows
+    input_std      list[float], per-feature std of the training rows (zeros replaced by 1)
+    target_mean    float, regression only (None or absent otherwise)
+    target_std     float, regression only (None or absent otherwise)
+    spec           the full JobSpec as a dict
+
+Loading never unpickles anything (no torch.load): a safetensors file is a JSON header and raw bytes.
+"""
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from pydantic import TypeAdapter
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from kiln.spec import ModelSpec
+from models import build_model
+
+FORMAT = "kiln.weights/1"
+REQUIRED_META = frozenset(
+    {"format", "model", "in_features", "out_features", "task", "loss", "classes", "input_mean",
+     "input_std", "spec"}
+)
+_model_spec = TypeAdapter(ModelSpec)
+
+
+class WeightsError(ValueError):
+    """The file is not a kiln weights file (or not one this version understands)."""
+
+
+def save_weights(path: str | os.PathLike, model: nn.Module, meta: dict) -> str:
+    """Write the model's weights and `meta` to `path` atomically; returns the file's sha256 hex digest."""
+    missing = REQUIRED_META - meta.keys()
+    if missing:
+        raise ValueError(f"weights metadata lacks {', '.join(sorted(missing))}")
+    if meta["format"] != FORMAT:
+        raise ValueError(f"weights metadata format must be {FORMAT!r}, not {meta['format']!r}")
+    header = {"kiln": json.dumps(meta)}  # before touching the disk: unserialisable meta fails here
+    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+
+    path = Path(path)
+    # A temporary file in the same directory, so os.replace is an atomic rename: readers see either
+    # the old file or the complete new one, never a torn write.
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=header)
+        digest = hashlib.sha256()
+        with open(tmp, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                digest.update(chunk)
+            os.fsync(f.fileno())  # the bytes are on disk before the rename makes them visible
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return digest.hexdigest()
+
+
+def load_weights(path: str | os.PathLike) -> tuple[nn.Module, dict]:
+    """Rebuild the model from the file alone; returns it in eval mode, with its metadata."""
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            raw = (f.metadata() or {}).get("kiln")
+            if raw is None:
+                raise WeightsError(f"{path}: a safetensors file without kiln metadata")
+            meta = json.loads(raw)
+            if meta.get("format") != FORMAT:
+                raise WeightsError(f"{path}: format {meta.get('format')!r}, expected {FORMAT!r}")
+            state = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118 (not iterable)
+    except SafetensorError as exc:
+        raise WeightsError(f"{path}: not a safetensors file ({exc})") from exc
+
+    model = build_model(_model_spec.validate_python(meta["model"]), meta["in_features"], meta["out_features"])
+    model.load_state_dict(state, strict=True)
+    return model.eval(), meta
+
+
+def predict(model: nn.Module, meta: dict, x_raw: np.ndarray) -> np.ndarray:
+    """Predictions for raw (unstandardised) rows: class indices (int64) for classification and binary
+    tasks, values (float32, in target units) for regression."""
+    x_raw = np.asarray(x_raw, dtype=np.float32)
+    if x_raw.ndim != 2 or x_raw.shape[1] != meta["in_features"]:
+        raise ValueError(f"expected inputs of shape (n, {meta['in_features']}), got {x_raw.shape}")
+    mean = np.asarray(meta["input_mean"], dtype=np.float32)
+    std = np.asarray(meta["input_std"], dtype=np.float32)
+    x = torch.from_numpy((x_raw - mean) / std).to(next(model.parameters()).device)
+
+    was_training = model.training
+    model.eval()  # dropout off; the caller's mode is restored below
+    try:
+        with torch.no_grad():
+            out = model(x).cpu().numpy()
+    finally:
+        model.train(was_training)
+
+    if meta["task"] == "regression":
+        y = out[:, 0]
+        if meta.get("target_mean") is not None:
+            y = y * meta["target_std"] + meta["target_mean"]
+        return y.astype(np.float32)
+    if meta["loss"] == "bce":  # one logit: positive means class 1
+        return (out[:, 0] > 0).astype(np.int64)
+    return out.argmax(axis=1).astype(np.int64)

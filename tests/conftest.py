@@ -1,0 +1,164 @@
+"""Test fixtures that start real services: a broker, a database, an API server and a Celery worker.
+
+By default: an embedded redis-server on a free port and SQLite in a temporary directory.
+With KILN_TEST_DATABASE_URL (PostgreSQL) and/or KILN_TEST_BROKER_URL (Redis), the same suite runs
+against those servers instead, each test session in its own fresh database and its own queue.
+"""
+
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import pytest
+import redis
+from sqlalchemy import create_engine, make_url, text
+
+from kiln.dispatch import make_celery
+from kiln.embedded import EmbeddedRedis, free_port, wait_until
+from kiln.migrate import upgrade
+from kiln.settings import Settings
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def database_url(tmp_path_factory) -> Iterator[str]:
+    server = os.environ.get("KILN_TEST_DATABASE_URL")
+    if not server:
+        yield f"sqlite:///{tmp_path_factory.mktemp('db') / 'kiln.db'}"
+        return
+    # A throwaway database per session, so runs never see each other's rows.
+    name = f"kiln_test_{uuid.uuid4().hex[:12]}"
+    admin = create_engine(server, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f'CREATE DATABASE "{name}"'))
+    try:
+        yield make_url(server).set(database=name).render_as_string(hide_password=False)
+    finally:
+        with admin.connect() as conn:
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+
+@pytest.fixture(scope="session")
+def broker_url(tmp_path_factory) -> Iterator[str]:
+    if server := os.environ.get("KILN_TEST_BROKER_URL"):
+        yield server
+        return
+    with EmbeddedRedis(tmp_path_factory.mktemp("redis")) as embedded:
+        yield embedded.url
+
+
+@dataclass
+class Stack:
+    """A running kiln: API server and worker processes, with what a test needs to talk to them."""
+
+    url: str
+    api_key: str
+    env: dict[str, str]
+    settings: Settings
+    logs: Path
+    processes: dict[str, subprocess.Popen] = field(default_factory=dict)
+
+    def client(self, api_key: str | None = None) -> httpx.Client:
+        key = self.api_key if api_key is None else api_key
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        return httpx.Client(base_url=self.url, headers=headers, timeout=30)
+
+    def wait_for_job(self, client: httpx.Client, job_id: str, predicate, timeout: float = 120) -> dict:
+        def check():
+            job = client.get(f"/v1/jobs/{job_id}").json()
+            return job if predicate(job) else None
+
+        return wait_until(check, timeout, interval=0.02, what=f"job {job_id} to reach a condition")
+
+    def queue_length(self) -> int:
+        with redis.Redis.from_url(self.settings.broker_url) as r:
+            return r.llen(self.settings.queue)
+
+
+def _start(cmd: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
+    return subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=log.open("wb"), stderr=subprocess.STDOUT)
+
+
+def _stop(process: subprocess.Popen) -> None:
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+@pytest.fixture(scope="session")
+def stack(request, tmp_path_factory, database_url: str, broker_url: str) -> Iterator[Stack]:
+    data_dir = tmp_path_factory.mktemp("kiln-data")
+    logs = tmp_path_factory.mktemp("logs")
+    api_key = "kiln_test_" + secrets.token_urlsafe(16)
+    env = {
+        **os.environ,
+        "KILN_DATA_DIR": str(data_dir),
+        "KILN_DATABASE_URL": database_url,
+        "KILN_BROKER_URL": broker_url,
+        "KILN_API_KEY": api_key,
+        "KILN_QUEUE": f"kiln-test-{uuid.uuid4().hex[:8]}",
+        "KILN_LEASE_S": "5",
+        "KILN_HEARTBEAT_S": "0.2",
+        "KILN_OUTBOX_INTERVAL_S": "0.5",
+        "KILN_OUTBOX_GRACE_S": "1",
+    }
+    settings = Settings(
+        data_dir=data_dir, database_url=database_url, broker_url=broker_url, queue=env["KILN_QUEUE"]
+    )
+    upgrade(database_url)
+    port = free_port()
+    hostname = f"test-{uuid.uuid4().hex[:6]}@{os.uname().nodename}"
+    stack = Stack(url=f"http://127.0.0.1:{port}", api_key=api_key, env=env, settings=settings, logs=logs)
+    stack.processes["worker"] = _start(
+        [sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker", "--pool", "prefork",
+         "--concurrency", "1", "--queues", settings.queue, "--hostname", hostname, "--loglevel", "INFO",
+         "--without-mingle", "--without-gossip"],
+        env, logs / "worker.log",
+    )
+    stack.processes["api"] = _start(
+        [sys.executable, "-m", "uvicorn", "api.app:create_app", "--factory", "--host", "127.0.0.1",
+         "--port", str(port), "--log-level", "warning"],
+        env, logs / "api.log",
+    )
+    celery = make_celery(settings)
+    try:
+        wait_until(lambda: _api_ready(stack), timeout=60, interval=0.1, what="the API server")
+        wait_until(lambda: celery.control.ping([hostname], timeout=0.5), timeout=60, what="the worker")
+        yield stack
+    finally:
+        for process in stack.processes.values():
+            _stop(process)
+        celery.close()
+        # The processes' logs are evidence when something failed; keep quiet otherwise.
+        for log in sorted(logs.iterdir()) if request.session.testsfailed else ():
+            sys.stderr.write(f"\n----- {log.name} (last lines) -----\n")
+            sys.stderr.write("\n".join(log.read_text(errors="replace").splitlines()[-40:]) + "\n")
+
+
+def _api_ready(stack: Stack) -> bool:
+    for name, process in stack.processes.items():
+        if process.poll() is not None:
+            raise RuntimeError(f"{name} exited early:\n{(stack.logs / f'{name}.log').read_text()[-3000:]}")
+    try:
+        return httpx.get(f"{stack.url}/readyz", timeout=1).status_code == 200
+    except httpx.TransportError:
+        return False
+
+
+@pytest.fixture
+def client(stack: Stack) -> Iterator[httpx.Client]:
+    with stack.client() as c:
+        yield c

@@ -1,0 +1,212 @@
+"""End to end: a real API server, a real Celery worker process, a real broker and database."""
+
+import base64
+import hashlib
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from models.weights import load_weights, predict
+from worker.datasets import load_dataset, split_dataset
+
+from kiln.catalog import BUILTIN_DATASETS
+from kiln.dispatch import TRAIN_TASK, make_celery
+from kiln.embedded import wait_until
+from kiln.spec import JobSpec
+from tests.conftest import ROOT
+
+pytestmark = pytest.mark.e2e
+
+DIGITS = {
+    "name": "digits-e2e",
+    "model": {"type": "mlp", "hidden": [64], "activation": "relu"},
+    "data": {"dataset": "digits", "val_fraction": 0.2},
+    "loss": "cross_entropy",
+    "optimizer": {"type": "adam", "lr": 0.003},
+    "epochs": 25,
+    "batch_size": 32,
+    "seed": 7,
+}
+# Long enough to still be running when the test acts on it, whatever the machine's speed.
+LONG = {"name": "long", "data": {"dataset": "regression", "samples": 20000}, "epochs": 10_000, "batch_size": 8}
+
+
+def test_digits_job_trains_end_to_end(stack, client):
+    job = client.post("/v1/jobs", json=DIGITS).json()
+    assert job["status"] == "queued"
+
+    seen = []
+
+    def finished(j):
+        if not seen or seen[-1] != j["status"]:
+            seen.append(j["status"])
+        return j["status"] in {"succeeded", "failed", "cancelled"}
+
+    job = stack.wait_for_job(client, job["id"], finished)
+    assert seen == ["queued", "running", "succeeded"] or seen == ["running", "succeeded"], seen
+    assert job["error"] is None and job["attempt"] == 1 and job["worker"]
+    assert job["started_at"] <= job["finished_at"]
+    assert job["epochs_completed"] == DIGITS["epochs"]
+
+    epochs = client.get(f"/v1/jobs/{job['id']}/metrics").json()["epochs"]
+    assert [m["epoch"] for m in epochs] == list(range(1, DIGITS["epochs"] + 1)), "one row per epoch"
+    assert epochs[-1]["val_loss"] < 0.5 * epochs[0]["val_loss"], "validation loss falls"
+    assert epochs[-1]["val_accuracy"] >= 0.95
+    assert all(m["samples_per_s"] > 0 and m["duration_s"] > 0 and m["lr"] == 0.003 for m in epochs)
+    assert job["latest_metrics"] == epochs[-1]
+    since = client.get(f"/v1/jobs/{job['id']}/metrics", params={"since": 20}).json()["epochs"]
+    assert [m["epoch"] for m in since] == [21, 22, 23, 24, 25]
+
+    response = client.get(f"/v1/jobs/{job['id']}/weights")
+    assert response.status_code == 200
+    assert response.headers["content-type"] == "application/octet-stream"
+    assert 'filename="digits-e2e.safetensors"' in response.headers["content-disposition"]
+    sha = hashlib.sha256(response.content).hexdigest()
+    assert response.headers["etag"] == f'"{sha}"'
+    assert response.headers["digest"] == "sha-256=" + base64.b64encode(bytes.fromhex(sha)).decode()
+
+    # The file alone rebuilds the model, and reproduces the reported validation accuracy.
+    path = stack.logs / "digits.safetensors"
+    path.write_bytes(response.content)
+    model, meta = load_weights(path)
+    spec = JobSpec.model_validate(meta["spec"])
+    x, y = load_dataset(spec.data, spec.seed)
+    split = split_dataset(x, y, BUILTIN_DATASETS["digits"].task, spec.data.val_fraction, spec.seed)
+    raw_val = split.x_val * split.input_std + split.input_mean  # predict() takes raw inputs
+    predicted = predict(model, meta, raw_val)
+    accuracy = float(np.mean(predicted == split.y_val))
+    assert accuracy == pytest.approx(epochs[-1]["val_accuracy"], abs=1e-6)
+    assert isinstance(model, torch.nn.Module)
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        {"data": {"dataset": "breast_cancer"}, "loss": "bce", "optimizer": {"type": "sgd", "lr": 0.05, "momentum": 0.9}, "epochs": 5},
+        {"data": {"dataset": "diabetes"}, "loss": "mse", "epochs": 5, "model": {"type": "mlp", "hidden": [16], "activation": "tanh"}},
+        {"data": {"dataset": "moons", "samples": 400, "val_fraction": 0}, "epochs": 5},
+    ],
+    ids=["bce-sgd", "mse-adam", "no-validation"],
+)
+def test_each_loss_trains(stack, client, spec):
+    job = client.post("/v1/jobs", json=spec).json()
+    job = stack.wait_for_job(client, job["id"], lambda j: j["status"] in {"succeeded", "failed"})
+    assert job["status"] == "succeeded", job["error"]
+    last = job["latest_metrics"]
+    if spec["data"].get("val_fraction") == 0:
+        assert last["val_loss"] is None and last["val_accuracy"] is None
+    elif spec["loss"] == "mse":
+        assert last["val_loss"] is not None and last["val_accuracy"] is None
+    else:
+        assert 0.8 <= last["val_accuracy"] <= 1.0
+
+
+def test_cancel_queued_and_running_jobs(stack, client):
+    running = client.post("/v1/jobs", json=LONG).json()
+    stack.wait_for_job(client, running["id"], lambda j: j["epochs_completed"] >= 1)
+    # The only worker process is busy, so this one waits in the queue.
+    queued = client.post("/v1/jobs", json=DIGITS).json()
+
+    response = client.post(f"/v1/jobs/{queued['id']}/cancel")
+    assert response.status_code == 202
+    assert response.json()["status"] == "cancelled"
+
+    response = client.post(f"/v1/jobs/{running['id']}/cancel")
+    assert response.status_code == 202
+    assert response.json()["cancel_requested"] is True
+    job = stack.wait_for_job(client, running["id"], lambda j: j["status"] != "running", timeout=30)
+    assert job["status"] == "cancelled" and job["error"] is None
+    assert job["epochs_completed"] < LONG["epochs"]
+
+    # The freed worker receives the cancelled job's message and must not start it.
+    wait_until(lambda: stack.queue_length() == 0, timeout=30, what="the queue to drain")
+    follow_up = client.post("/v1/jobs", json={**DIGITS, "epochs": 1}).json()
+    stack.wait_for_job(client, follow_up["id"], lambda j: j["status"] == "succeeded")
+    never_started = client.get(f"/v1/jobs/{queued['id']}").json()
+    assert never_started["status"] == "cancelled"
+    assert never_started["attempt"] == 0 and never_started["started_at"] is None
+
+    for job_id in (queued["id"], running["id"]):
+        response = client.post(f"/v1/jobs/{job_id}/cancel")
+        assert response.status_code == 409
+        assert "already cancelled" in response.json()["error"]["message"]
+        assert client.get(f"/v1/jobs/{job_id}/weights").status_code == 409
+
+
+def test_divergence_fails_the_job_with_a_sentence(stack, client):
+    spec = {
+        "data": {"dataset": "regression"}, "loss": "mse", "epochs": 50,
+        "optimizer": {"type": "sgd", "lr": 10.0, "momentum": 0.99},
+    }
+    job = client.post("/v1/jobs", json=spec).json()
+    job = stack.wait_for_job(client, job["id"], lambda j: j["status"] in {"succeeded", "failed"})
+    assert job["status"] == "failed"
+    assert "at epoch" in job["error"] and "lower the learning rate" in job["error"]
+    assert client.get(f"/v1/jobs/{job['id']}/weights").status_code == 409
+
+
+def test_cli_submit_follow_show_download(stack, tmp_path):
+    spec_file = tmp_path / "digits.yaml"
+    spec_file.write_text(json.dumps({**DIGITS, "epochs": 4}))  # JSON is valid YAML
+    env = {**stack.env, "KILN_URL": stack.url}
+
+    def kiln(*args):
+        return subprocess.run(
+            [sys.executable, "-m", "kiln.cli", *args], env=env, cwd=ROOT, capture_output=True, text=True,
+            timeout=120,
+        )
+
+    result = kiln("submit", str(spec_file), "--follow")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith("submitted job ")
+    job_id = lines[0].split()[2]
+    assert [line.split()[1] for line in lines[1:5]] == ["1/4", "2/4", "3/4", "4/4"]
+    assert "val_acc" in lines[1]
+    assert lines[-1] == f"job {job_id} succeeded"
+
+    shown = json.loads(kiln("show", job_id).stdout)
+    assert shown["id"] == job_id and shown["status"] == "succeeded"
+
+    out = tmp_path / "w.safetensors"
+    result = kiln("download", job_id, "-o", str(out))
+    assert result.returncode == 0, result.stderr
+    assert load_weights(out)[1]["job_id"] == job_id
+
+    failing = tmp_path / "bad.json"
+    failing.write_text(json.dumps({"data": {"dataset": "regression"}, "epochs": 30, "optimizer": {"type": "sgd", "lr": 10, "momentum": 0.99}}))
+    result = kiln("submit", str(failing), "--follow")
+    assert result.returncode == 1 and " failed: loss became" in result.stdout
+
+    invalid = tmp_path / "invalid.json"
+    invalid.write_text(json.dumps({"data": {"dataset": "digits"}, "loss": "mse"}))
+    result = kiln("submit", str(invalid))
+    assert result.returncode == 1 and "body.loss" in result.stderr and "cross_entropy" in result.stderr
+
+    result = subprocess.run(
+        [sys.executable, "-m", "kiln.cli", "show", job_id], env={**env, "KILN_API_KEY": "wrong"},
+        cwd=ROOT, capture_output=True, text=True,
+    )
+    assert result.returncode == 1 and result.stderr.startswith("error: Unknown API key")
+    unreachable = {**env, "KILN_URL": "http://127.0.0.1:9"}
+    result = subprocess.run([sys.executable, "-m", "kiln.cli", "show", job_id], env=unreachable, cwd=ROOT,
+                            capture_output=True, text=True)
+    assert result.returncode == 2 and "cannot reach kiln" in result.stderr
+
+
+def test_duplicate_delivery_runs_a_job_once(stack, client):
+    """Celery may deliver a message twice; the claim lets exactly one delivery train."""
+    job = client.post("/v1/jobs", json={**DIGITS, "epochs": 3}).json()
+    celery = make_celery(stack.settings)
+    celery.send_task(TRAIN_TASK, args=[job["id"]], queue=stack.settings.queue)
+    celery.close()
+    job = stack.wait_for_job(client, job["id"], lambda j: j["status"] == "succeeded")
+    wait_until(lambda: stack.queue_length() == 0, timeout=30, what="the duplicate to be consumed")
+    follow_up = client.post("/v1/jobs", json={**DIGITS, "epochs": 1}).json()
+    stack.wait_for_job(client, follow_up["id"], lambda j: j["status"] == "succeeded")
+    job = client.get(f"/v1/jobs/{job['id']}").json()
+    assert job["attempt"] == 1
+    assert [m["epoch"] for m in client.get(f"/v1/jobs/{job['id']}/metrics").json()["epochs"]] == [1, 2, 3]

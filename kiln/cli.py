@@ -81,24 +81,31 @@ def up(host: str, port: int, data_dir: Path | None, concurrency: int) -> None:
 
     children: list[subprocess.Popen] = []
     broker = None
-    if not settings.broker_url:
-        broker = EmbeddedRedis(settings.data_dir / "redis").start()
-        os.environ["KILN_BROKER_URL"] = broker.url
-    os.environ["KILN_WORKER_CONCURRENCY"] = str(concurrency)
-    get_settings.cache_clear()
-    settings = get_settings()
-
-    from kiln.migrate import upgrade
-
-    upgrade(settings.db_url)
-    env = {**os.environ, "KILN_API_KEY": api_key}
+    # Explicit handlers: a process started in the background inherits an ignored SIGINT.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
-        children.append(subprocess.Popen(_worker_command(concurrency, settings.queue), env=env))
+        if not settings.broker_url:
+            broker = EmbeddedRedis(settings.data_dir / "redis").start()
+            os.environ["KILN_BROKER_URL"] = broker.url
+        os.environ["KILN_WORKER_CONCURRENCY"] = str(concurrency)
+        get_settings.cache_clear()
+        settings = get_settings()
+
+        from kiln.migrate import upgrade
+
+        upgrade(settings.db_url)
+        env = {**os.environ, "KILN_API_KEY": api_key}
+        # Own sessions: Ctrl-C reaches only this process, which then stops the children in order
+        # (API first, then the worker, which finishes or hands back its job, then the broker).
+        children.append(
+            subprocess.Popen(_worker_command(concurrency, settings.queue), env=env, start_new_session=True)
+        )
         children.append(
             subprocess.Popen(
                 [sys.executable, "-m", "uvicorn", "api.app:create_app", "--factory", "--host", host,
                  "--port", str(port), "--log-level", "warning"],
-                env=env,
+                env=env, start_new_session=True,
             )
         )
         url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
@@ -114,7 +121,6 @@ def up(host: str, port: int, data_dir: Path | None, concurrency: int) -> None:
             f"Try:  kiln submit examples/digits.json --follow\n"
             f"Stop: Ctrl-C\n"
         )
-        signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
         os.wait()  # returns when any child (API, worker, broker) exits; Ctrl-C interrupts it
         _fail("a kiln process exited unexpectedly; see the log above")
     except KeyboardInterrupt:

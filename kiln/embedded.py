@@ -64,6 +64,7 @@ class EmbeddedRedis:
                 ],
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.PIPE,
+                start_new_session=True,  # a terminal's Ctrl-C is for our owner, who stops us last
             )
             try:
                 wait_until(self._ready, timeout, what=f"redis-server on port {self.port}")

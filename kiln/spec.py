@@ -87,6 +87,9 @@ class JobSpec(StrictModel):
     epochs: int = Field(default=10, ge=1, le=10_000)
     batch_size: int = Field(default=64, ge=1, le=65_536)
     seed: int = Field(default=0, ge=0, le=2**31 - 1)
+    # Wall-clock budget for the training; None takes the server's default (KILN_DEFAULT_TIME_LIMIT_S),
+    # and the server refuses more than its KILN_MAX_TIME_LIMIT_S.
+    time_limit_s: int | None = Field(default=None, ge=1, le=30 * 24 * 3600)
 
     @field_validator("loss")
     @classmethod

@@ -12,10 +12,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 
 import torch
-from models.weights import save_weights
 from sqlalchemy import delete, or_, update
-from worker.datasets import load_dataset, split_dataset
-from worker.training import DivergedError, EpochMetrics, TrainData, fit, output_size
 
 from kiln.catalog import BUILTIN_DATASETS
 from kiln.db import session_scope, utcnow
@@ -24,6 +21,9 @@ from kiln.spec import JobSpec
 from kiln.storage import WEIGHTS, ArtifactStore
 from kiln.tables import EpochMetric, Job, JobStatus
 from models import build_model
+from models.weights import save_weights
+from worker.datasets import load_dataset, split_dataset
+from worker.training import DivergedError, EpochMetrics, LoopState, TrainData, fit, output_size
 
 log = logging.getLogger("kiln.worker")
 
@@ -95,8 +95,10 @@ class Lease:
         self._done.set()
         self._thread.join()
 
-    def should_stop(self) -> bool:
-        return self.cancelled.is_set() or self.lost.is_set()
+    def should_stop(self) -> str | None:
+        if self.lost.is_set():
+            return "lease lost"
+        return "cancelled" if self.cancelled.is_set() else None
 
     def _run(self) -> None:
         while not self._done.wait(self.settings.heartbeat_s):
@@ -125,7 +127,7 @@ class EpochRecorder:
         self.claim = claim
         self.settings = settings
 
-    def on_epoch_end(self, m: EpochMetrics) -> None:
+    def on_epoch_end(self, m: EpochMetrics, state: LoopState) -> None:
         expires = utcnow() + timedelta(seconds=self.settings.lease_s)
         with session_scope() as session:
             fenced = _fenced(self.claim).values(epochs_completed=m.epoch, lease_expires_at=expires)

@@ -6,10 +6,11 @@ as one that never stopped. The only host syncs are once per epoch, to read the l
 """
 
 import math
+import random
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -61,8 +62,46 @@ class EpochMetrics:
     samples_per_s: float
 
 
+@dataclass
+class LoopState:
+    """Everything the loop needs to continue exactly where it stopped: what a checkpoint holds."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    epoch: int = 0  # epochs completed
+
+    def state_dict(self) -> dict[str, Any]:
+        np_kind, np_keys, np_pos, np_gauss, np_cached = np.random.get_state()
+        return {
+            "epoch": self.epoch,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            # The batch order does not depend on these, but dropout draws from torch's global RNG,
+            # and a resumed run must draw exactly what an uninterrupted one would have.
+            "rng": {
+                "torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+                "python": random.getstate(),
+                "numpy": [np_kind, torch.from_numpy(np_keys.copy()), np_pos, np_gauss, np_cached],
+            },
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.epoch = state["epoch"]
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        rng = state["rng"]
+        torch.set_rng_state(rng["torch"])
+        if rng["cuda"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
+        version, internal, gauss = rng["python"]
+        random.setstate((version, tuple(internal), gauss))
+        kind, keys, pos, has_gauss, cached = rng["numpy"]
+        np.random.set_state((kind, keys.numpy(), pos, has_gauss, cached))
+
+
 class Callback(Protocol):
-    def on_epoch_end(self, metrics: EpochMetrics) -> None: ...
+    def on_epoch_end(self, metrics: EpochMetrics, state: LoopState) -> None: ...
 
 
 class DivergedError(Exception):
@@ -78,7 +117,7 @@ class DivergedError(Exception):
 @dataclass
 class FitResult:
     history: list[EpochMetrics]  # the epochs this call ran
-    stopped: str | None  # None when all epochs ran; "cancelled" when should_stop() said so
+    stopped: str | None  # None when all epochs ran; else the reason should_stop() gave
 
 
 def output_size(task: Task, classes: int | None, loss: str) -> int:
@@ -119,17 +158,19 @@ def fit(
     spec: JobSpec,
     *,
     callbacks: Sequence[Callback] = (),
-    should_stop: Callable[[], bool] = lambda: False,
-    start_epoch: int = 0,
-    optimizer: torch.optim.Optimizer | None = None,
+    should_stop: Callable[[], str | None] = lambda: None,
+    resume: dict[str, Any] | None = None,
 ) -> FitResult:
-    """Train `model` (already on the data's device) for epochs start_epoch+1 .. spec.epochs.
+    """Train `model` (already on the data's device) up to spec.epochs.
 
-    `optimizer` defaults to a fresh one from spec.optimizer; pass the previous one (or one whose state
-    was restored) to resume. Raises DivergedError when a loss becomes NaN or infinite.
+    `resume` is a LoopState.state_dict() from a checkpoint: training continues after its epoch with the
+    same weights, optimizer state and RNG states. `should_stop` is polled at every batch boundary and
+    returns a reason to stop (e.g. "cancelled"), or None. Raises DivergedError when a loss is not finite.
     """
-    if optimizer is None:
-        optimizer = make_optimizer(spec.optimizer, model.parameters())
+    optimizer = make_optimizer(spec.optimizer, model.parameters())
+    state = LoopState(model, optimizer)
+    if resume is not None:
+        state.load_state_dict(resume)
     loss_fn = make_loss(spec.loss)
     n, bs = len(data.x_train), spec.batch_size
     n_batches = math.ceil(n / bs)
@@ -140,14 +181,14 @@ def fit(
 
     history: list[EpochMetrics] = []
     model.train()
-    for epoch in range(start_epoch + 1, spec.epochs + 1):
+    for epoch in range(state.epoch + 1, spec.epochs + 1):
         t0 = time.perf_counter()
         gen = torch.Generator(device="cpu").manual_seed(spec.seed * 1_000_003 + epoch)
         order = torch.randperm(n, generator=gen).to(device)
         batch_losses = torch.empty(n_batches, device=device)  # kept on the device: no per-batch sync
         for i in range(n_batches):
-            if should_stop():
-                return FitResult(history, "cancelled")
+            if reason := should_stop():
+                return FitResult(history, reason)
             idx = order[i * bs : (i + 1) * bs]
             loss = loss_fn(model(data.x_train[idx]), data.y_train[idx])
             optimizer.zero_grad(set_to_none=True)
@@ -180,8 +221,9 @@ def fit(
             samples_per_s=n / duration,
         )
         history.append(metrics)
+        state.epoch = epoch
         for callback in callbacks:
-            callback.on_epoch_end(metrics)
+            callback.on_epoch_end(metrics, state)
     # Without a validation split, a last step that broke the weights would otherwise go unseen.
     if data.x_val is None and history and not all(torch.isfinite(p).all() for p in model.parameters()):
         raise DivergedError(spec.epochs, n_batches, math.nan, what="the weights")

@@ -9,14 +9,14 @@ import sys
 import numpy as np
 import pytest
 import torch
-from models.weights import load_weights, predict
-from worker.datasets import load_dataset, split_dataset
 
 from kiln.catalog import BUILTIN_DATASETS
 from kiln.dispatch import TRAIN_TASK, make_celery
 from kiln.embedded import wait_until
 from kiln.spec import JobSpec
+from models.weights import load_weights, predict
 from tests.conftest import ROOT
+from worker.datasets import load_dataset, split_dataset
 
 pytestmark = pytest.mark.e2e
 

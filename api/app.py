@@ -11,7 +11,7 @@ from starlette.concurrency import run_in_threadpool
 from api.deps import key_digest
 from api.errors import PayloadTooLarge, error_response, install_error_handlers
 from api.routes import health, jobs
-from api.services.outbox import publish_stranded
+from api.services.reconciler import reconcile
 from kiln import __version__
 from kiln.db import get_sessionmaker
 from kiln.settings import Settings, get_settings
@@ -31,9 +31,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        sweeper = asyncio.create_task(_sweep_outbox(settings))
+        reconciler = asyncio.create_task(_reconcile_forever(settings))
         yield
-        sweeper.cancel()
+        reconciler.cancel()
 
     app = FastAPI(
         title="kiln",
@@ -59,15 +59,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     return app
 
 
-async def _sweep_outbox(settings: Settings) -> None:
-    def sweep() -> int:
+async def _reconcile_forever(settings: Settings) -> None:
+    def once():
         with get_sessionmaker()() as session:
-            return publish_stranded(session, older_than_s=settings.outbox_grace_s)
+            return reconcile(session, settings)
 
     while True:
-        await asyncio.sleep(settings.outbox_interval_s)
+        await asyncio.sleep(settings.reconcile_interval_s)
         try:
-            if sent := await run_in_threadpool(sweep):
-                log.info("published %d job(s) from the outbox", sent)
+            if done := await run_in_threadpool(once):
+                log.info("reconciled: %s", done)
         except Exception:
-            log.warning("outbox sweep failed; will retry", exc_info=True)
+            log.warning("reconciliation failed; will retry", exc_info=True)

@@ -29,6 +29,7 @@ class JobOut(BaseModel):
     started_at: datetime | None
     finished_at: datetime | None
     epochs_completed: int
+    checkpoint_epoch: int
     attempt: int
     worker: str | None
     cancel_requested: bool
@@ -40,7 +41,8 @@ class JobOut(BaseModel):
         return cls(
             id=job.id, name=job.name, status=job.status, spec=job.spec,
             created_at=job.created_at, started_at=job.started_at, finished_at=job.finished_at,
-            epochs_completed=job.epochs_completed, attempt=job.attempt, worker=job.worker,
+            epochs_completed=job.epochs_completed, checkpoint_epoch=job.checkpoint_epoch, attempt=job.attempt,
+            worker=job.worker,
             cancel_requested=job.cancel_requested,
             latest_metrics=EpochMetrics.model_validate(latest) if latest else None,
             error=job.error,
@@ -55,6 +57,23 @@ class JobList(BaseModel):
 class JobMetrics(BaseModel):
     job_id: str
     epochs: list[EpochMetrics]
+
+
+class JobEventOut(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    id: int
+    at: datetime
+    kind: str
+    attempt: int
+    worker: str | None
+    epoch: int | None
+    message: str
+
+
+class JobHistory(BaseModel):
+    job_id: str
+    events: list[JobEventOut]
 
 
 class ErrorBody(BaseModel):

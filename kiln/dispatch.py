@@ -4,11 +4,20 @@ The API imports only this module: it sends `kiln.train` by name with the job id 
 argument, so it never imports torch or the task code. Redis carries ids, never job state.
 """
 
+import base64
+import json
+import logging
 from functools import lru_cache
 
+import redis
 from celery import Celery
+from sqlalchemy import update
 
+from kiln.db import session_scope, utcnow
 from kiln.settings import Settings, get_settings
+from kiln.tables import Job
+
+log = logging.getLogger("kiln.dispatch")
 
 TRAIN_TASK = "kiln.train"
 
@@ -57,3 +66,47 @@ def publish_train(job_id: str) -> None:
         retry=True,
         retry_policy={"max_retries": 2, "interval_start": 0, "interval_step": 0.2, "interval_max": 0.5},
     )
+
+
+def publish_job(job_id: str) -> bool:
+    """Publish a committed job and mark it published; if the broker is unreachable it stays in the
+    outbox (published_at null) and the reconciler publishes it later."""
+    try:
+        publish_train(job_id)
+    except Exception as exc:
+        log.warning("could not publish job %s (%s); left in the outbox", job_id, exc)
+        return False
+    with session_scope() as session:
+        session.execute(update(Job).where(Job.id == job_id).values(published_at=utcnow()))
+    return True
+
+
+def job_ids_in_broker(settings: Settings, limit: int = 100_000) -> set[str] | None:
+    """Job ids of the train messages the broker still holds: waiting in the queue or delivered and not
+    yet acknowledged. None when the broker cannot be read (or holds too much to read cheaply).
+
+    This reads kombu's Redis layout (the queue is a list, unacknowledged messages live in the
+    "unacked" hash), so that a message lost to a broker restart or FLUSHALL can be published again.
+    """
+    try:
+        with redis.Redis.from_url(settings.broker_url, socket_timeout=5, socket_connect_timeout=2) as client:
+            if client.llen(settings.queue) > limit or client.hlen("unacked") > limit:
+                return None
+            waiting = client.lrange(settings.queue, 0, -1)
+            delivered = [json.loads(raw)[0] for raw in client.hvals("unacked")]
+    except (redis.RedisError, ValueError, IndexError):
+        return None
+    ids: set[str] = set()
+    for message in [json.loads(raw) for raw in waiting] + delivered:
+        try:
+            headers = message.get("headers") or {}
+            if headers.get("task") != TRAIN_TASK:
+                continue
+            body = message["body"]
+            if message["properties"].get("body_encoding") == "base64":
+                body = base64.b64decode(body)
+            args = json.loads(body)[0]
+            ids.add(str(args[0]))
+        except (KeyError, ValueError, TypeError, IndexError):
+            continue
+    return ids

@@ -31,13 +31,23 @@ class Settings(BaseSettings):
     queue: str = Field(default="kiln", pattern=r"^[A-Za-z0-9_.\-]{1,64}$")
 
     # Worker leases: a running job whose lease is not renewed for lease_s is considered lost.
-    lease_s: float = Field(default=60.0, gt=0)
+    # With the reconciler's interval, this bounds how soon a lost job is dispatched again.
+    lease_s: float = Field(default=30.0, gt=0)
     heartbeat_s: float = Field(default=5.0, gt=0)
-    # Redis redelivers an unacknowledged message after this long; must outlast any job.
-    visibility_timeout_s: int = Field(default=48 * 3600, ge=60)
-    # The outbox: jobs committed while the broker was unreachable are published again by the API.
-    outbox_interval_s: float = Field(default=10.0, gt=0)
+    # Attempts a job gets before "worker lost N times; giving up".
+    max_attempts: int = Field(default=3, ge=1, le=100)
+    # Redis redelivers an unacknowledged message after this long. The claim makes an early redelivery
+    # harmless, but each one costs a wasted delivery, so keep it above typical job durations.
+    visibility_timeout_s: int = Field(default=48 * 3600, ge=1)
+    # The reconciler (run by the API): publishes jobs left in the outbox, re-dispatches jobs whose
+    # lease expired, and republishes queued jobs whose message the broker lost (restart, FLUSHALL).
+    reconcile_interval_s: float = Field(default=10.0, gt=0)
     outbox_grace_s: float = Field(default=5.0, ge=0)
+    lost_message_grace_s: float = Field(default=30.0, ge=0)
+
+    # Per-job wall-clock limits: the default for specs that set none, and the most a spec may ask.
+    default_time_limit_s: int = Field(default=24 * 3600, ge=1)
+    max_time_limit_s: int = Field(default=7 * 24 * 3600, ge=1)
 
     # Worker processes per `kiln worker`; torch threads per process are the cores divided by this.
     worker_concurrency: int = Field(default=1, ge=1, le=256)

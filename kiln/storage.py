@@ -26,6 +26,12 @@ class ArtifactStore:
             raise ValueError(f"unknown artifact {name!r}")
         return self.job_dir(job_id) / name
 
+    def checkpoint_dir(self, job_id: str) -> Path:
+        return self.job_dir(job_id) / "checkpoints"
+
+    def checkpoint_path(self, job_id: str, epoch: int) -> Path:
+        return self.checkpoint_dir(job_id) / f"epoch-{int(epoch):06d}.safetensors"
+
     def open_weights(self, job_id: str) -> Path | None:
         """The weights file if present as a regular file inside the store (no symlinks followed out)."""
         path = self.path(job_id, WEIGHTS)

@@ -50,6 +50,8 @@ class Job(Base):
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
 
     epochs_completed: Mapped[int] = mapped_column(Integer, default=0)
+    # The newest checkpoint known to be on disk (recorded only after its file is fsynced and renamed).
+    checkpoint_epoch: Mapped[int] = mapped_column(Integer, default=0)
     # Claim and lease: only the holder of lease_token may write progress for this attempt.
     attempt: Mapped[int] = mapped_column(Integer, default=0)
     worker: Mapped[str | None] = mapped_column(String(200))
@@ -68,6 +70,7 @@ class EpochMetric(Base):
 
     job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True)
     epoch: Mapped[int] = mapped_column(Integer, primary_key=True)
+    attempt: Mapped[int] = mapped_column(Integer)  # which attempt trained this epoch
     train_loss: Mapped[float] = mapped_column(Float)
     val_loss: Mapped[float | None] = mapped_column(Float)
     val_accuracy: Mapped[float | None] = mapped_column(Float)
@@ -75,3 +78,19 @@ class EpochMetric(Base):
     duration_s: Mapped[float] = mapped_column(Float)
     samples_per_s: Mapped[float] = mapped_column(Float)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+
+class JobEvent(Base):
+    """A job's visible history: each transition, with a sentence saying what happened and where."""
+
+    __tablename__ = "job_events"
+    __table_args__ = (Index("ix_job_events_job_id_id", "job_id", "id"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
+    at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    kind: Mapped[str] = mapped_column(String(32))
+    attempt: Mapped[int] = mapped_column(Integer)
+    worker: Mapped[str | None] = mapped_column(String(200))
+    epoch: Mapped[int | None] = mapped_column(Integer)
+    message: Mapped[str] = mapped_column(Text)

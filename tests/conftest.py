@@ -112,7 +112,8 @@ def stack(request, tmp_path_factory, database_url: str, broker_url: str) -> Iter
         "KILN_QUEUE": f"kiln-test-{uuid.uuid4().hex[:8]}",
         "KILN_LEASE_S": "5",
         "KILN_HEARTBEAT_S": "0.2",
-        "KILN_OUTBOX_INTERVAL_S": "0.5",
+        "KILN_RECONCILE_INTERVAL_S": "0.5",
+        "KILN_LOST_MESSAGE_GRACE_S": "2",
         "KILN_OUTBOX_GRACE_S": "1",
     }
     settings = Settings(

@@ -51,6 +51,11 @@ def test_digits_job_trains_end_to_end(stack, client):
     assert job["started_at"] <= job["finished_at"]
     assert job["epochs_completed"] == DIGITS["epochs"]
 
+    history = client.get(f"/v1/jobs/{job['id']}/history").json()["events"]
+    assert [e["kind"] for e in history] == ["queued", "claimed", "succeeded"]
+    assert history[1]["message"] == f"claimed by {job['worker']} (attempt 1)"
+    assert history[2]["message"] == "succeeded after 25 epochs" and history[2]["epoch"] == 25
+
     epochs = client.get(f"/v1/jobs/{job['id']}/metrics").json()["epochs"]
     assert [m["epoch"] for m in epochs] == list(range(1, DIGITS["epochs"] + 1)), "one row per epoch"
     assert epochs[-1]["val_loss"] < 0.5 * epochs[0]["val_loss"], "validation loss falls"

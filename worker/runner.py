@@ -2,34 +2,48 @@
 
 Celery delivers at least once, so everything here is safe to run twice: the claim is one conditional
 UPDATE that only one delivery can win, and every later write is fenced by the lease token it got.
+Each epoch: checkpoint on disk (atomic) -> metrics row and checkpoint epoch in one fenced transaction
+-> older checkpoint deleted. A new attempt resumes from the checkpoint the database recorded.
 """
 
 import contextlib
 import logging
 import threading
+import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
+from typing import Any, TypeVar
 
 import torch
-from sqlalchemy import delete, or_, update
+from sqlalchemy import delete, func, literal, or_, update
+from sqlalchemy.exc import OperationalError
 
 from kiln.catalog import BUILTIN_DATASETS
-from kiln.db import session_scope, utcnow
+from kiln.db import UTCDateTime, session_scope, utcnow
+from kiln.dispatch import publish_job
+from kiln.history import record
 from kiln.settings import Settings, get_settings
 from kiln.spec import JobSpec
 from kiln.storage import WEIGHTS, ArtifactStore
 from kiln.tables import EpochMetric, Job, JobStatus
 from models import build_model
 from models.weights import save_weights
+from worker.checkpoint import CheckpointError, load_checkpoint, save_checkpoint, spec_hash
 from worker.datasets import load_dataset, split_dataset
 from worker.training import DivergedError, EpochMetrics, LoopState, TrainData, fit, output_size
 
 log = logging.getLogger("kiln.worker")
 
+# Set in a worker process when its Celery worker is shutting down (see worker.celery_app).
+shutdown_requested = threading.Event()
+
+T = TypeVar("T")
+
 
 class LeaseLost(Exception):
-    """Another attempt owns this job now; this one must stop without writing anything."""
+    """Another attempt owns this job now (or could not be told otherwise); stop without writing."""
 
 
 @dataclass(frozen=True)
@@ -37,7 +51,11 @@ class Claim:
     job_id: str
     token: str
     attempt: int
+    worker: str
     spec: JobSpec
+    spec_digest: str
+    resume_epoch: int  # the checkpoint to resume from; 0 means from scratch
+    deadline: datetime  # the job's time limit, counted from its first start
 
 
 def claim(job_id: str, worker: str, settings: Settings) -> Claim | None:
@@ -57,15 +75,25 @@ def claim(job_id: str, worker: str, settings: Settings) -> Claim | None:
             .values(
                 status=JobStatus.running, attempt=Job.attempt + 1, lease_token=token,
                 lease_expires_at=now + timedelta(seconds=settings.lease_s), worker=worker,
-                started_at=now, epochs_completed=0,
+                started_at=func.coalesce(Job.started_at, literal(now, UTCDateTime())),
+                epochs_completed=Job.checkpoint_epoch,
             )
         ).rowcount == 1
         if not won:
             return None
-        # Without checkpoints a new attempt starts over, so an earlier attempt's epochs are void.
-        session.execute(delete(EpochMetric).where(EpochMetric.job_id == job_id))
         job = session.get_one(Job, job_id)
-        return Claim(job_id, token, job.attempt, JobSpec.model_validate(job.spec))
+        # Epochs after the recorded checkpoint were never committed; nothing to keep from them.
+        session.execute(
+            delete(EpochMetric).where(EpochMetric.job_id == job_id, EpochMetric.epoch > job.checkpoint_epoch)
+        )
+        resumed = f", resuming from the epoch-{job.checkpoint_epoch} checkpoint" if job.checkpoint_epoch else ""
+        record(session, job_id, "claimed", f"claimed by {worker} (attempt {job.attempt}){resumed}",
+               attempt=job.attempt, worker=worker, epoch=job.checkpoint_epoch or None)
+        limit = job.spec.get("time_limit_s") or settings.default_time_limit_s
+        return Claim(
+            job_id, token, job.attempt, worker, JobSpec.model_validate(job.spec), spec_hash(job.spec),
+            job.checkpoint_epoch, job.started_at + timedelta(seconds=limit),
+        )
 
 
 def _fenced(claim: Claim):
@@ -75,15 +103,30 @@ def _fenced(claim: Claim):
     )
 
 
+def _retrying(write: Callable[[], T], settings: Settings, what: str) -> T:
+    """Ride out a database outage shorter than the lease; past that, another attempt takes over."""
+    deadline = time.monotonic() + settings.lease_s
+    delay = 0.1
+    while True:
+        try:
+            return write()
+        except OperationalError:
+            if time.monotonic() + delay > deadline:
+                raise LeaseLost(f"database unreachable for {settings.lease_s:.0f} s while {what}") from None
+            log.warning("database unreachable while %s; retrying in %.1f s", what, delay)
+            time.sleep(delay)
+            delay = min(delay * 2, 2.0)
+
+
 class Lease:
-    """Renews the lease on a background thread and turns a cancel request into an in-memory flag
-    that the training loop reads at every batch boundary (no database query per batch)."""
+    """Renews the lease on a background thread and turns a cancel request, a lost lease, the time
+    limit or a worker shutdown into a reason the training loop reads at every batch boundary."""
 
     def __init__(self, claim: Claim, settings: Settings) -> None:
         self.claim = claim
         self.settings = settings
-        self.cancelled = threading.Event()
-        self.lost = threading.Event()
+        self.reason: str | None = None
+        self._expires_at = utcnow() + timedelta(seconds=settings.lease_s)  # as the claim set it
         self._done = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"lease-{claim.job_id[:8]}", daemon=True)
 
@@ -96,20 +139,26 @@ class Lease:
         self._thread.join()
 
     def should_stop(self) -> str | None:
-        if self.lost.is_set():
-            return "lease lost"
-        return "cancelled" if self.cancelled.is_set() else None
+        if self.reason is None:
+            if shutdown_requested.is_set():
+                self.reason = "shutdown"
+            elif utcnow() >= self.claim.deadline:
+                self.reason = "time limit"
+        return self.reason
 
     def _run(self) -> None:
         while not self._done.wait(self.settings.heartbeat_s):
             try:
                 self.renew()
             except LeaseLost:
-                log.warning("job %s: lease lost; stopping this attempt", self.claim.job_id)
-                self.lost.set()
+                log.warning("job %s: lease lost; stopping attempt %d", self.claim.job_id, self.claim.attempt)
+                self.reason = "lease lost"
                 return
-            except Exception:  # database briefly unreachable: keep training, try again next beat
-                log.warning("job %s: heartbeat failed", self.claim.job_id, exc_info=True)
+            except OperationalError:  # database briefly unreachable: keep training, try next beat
+                log.warning("job %s: heartbeat failed", self.claim.job_id)
+                if utcnow() > self._expires_at:
+                    self.reason = "lease lost"
+                    return
 
     def renew(self) -> None:
         expires = utcnow() + timedelta(seconds=self.settings.lease_s)
@@ -117,39 +166,60 @@ class Lease:
             if session.execute(_fenced(self.claim).values(lease_expires_at=expires)).rowcount != 1:
                 raise LeaseLost
             if session.get_one(Job, self.claim.job_id).cancel_requested:
-                self.cancelled.set()
+                self.reason = self.reason or "cancelled"
+        self._expires_at = expires
 
 
 class EpochRecorder:
-    """The training loop's callback: one metrics row per epoch, written under the lease."""
+    """The loop's callback: checkpoint, then the epoch's metrics and checkpoint epoch under the lease."""
 
-    def __init__(self, claim: Claim, settings: Settings) -> None:
+    def __init__(self, claim: Claim, store: ArtifactStore, settings: Settings) -> None:
         self.claim = claim
+        self.store = store
         self.settings = settings
 
     def on_epoch_end(self, m: EpochMetrics, state: LoopState) -> None:
+        path = self.store.checkpoint_path(self.claim.job_id, m.epoch)
+        save_checkpoint(path, state.state_dict(), self.claim.spec_digest)
+        _retrying(lambda: self._commit(m), self.settings, f"recording epoch {m.epoch}")
+        # Only now is the new checkpoint the one a resumed attempt would use.
+        for old in self.store.checkpoint_dir(self.claim.job_id).glob("epoch-*.safetensors"):
+            if old != path:
+                old.unlink(missing_ok=True)
+        log.info("job %s attempt %d epoch %d train_loss %.4f", self.claim.job_id, self.claim.attempt, m.epoch,
+                 m.train_loss)
+
+    def _commit(self, m: EpochMetrics) -> None:
         expires = utcnow() + timedelta(seconds=self.settings.lease_s)
         with session_scope() as session:
-            fenced = _fenced(self.claim).values(epochs_completed=m.epoch, lease_expires_at=expires)
+            fenced = _fenced(self.claim).values(
+                epochs_completed=m.epoch, checkpoint_epoch=m.epoch, lease_expires_at=expires
+            )
             if session.execute(fenced).rowcount != 1:
                 raise LeaseLost
             session.add(
                 EpochMetric(
-                    job_id=self.claim.job_id, epoch=m.epoch, train_loss=m.train_loss, val_loss=m.val_loss,
-                    val_accuracy=m.val_accuracy, lr=m.lr, duration_s=m.duration_s,
+                    job_id=self.claim.job_id, epoch=m.epoch, attempt=self.claim.attempt, train_loss=m.train_loss,
+                    val_loss=m.val_loss, val_accuracy=m.val_accuracy, lr=m.lr, duration_s=m.duration_s,
                     samples_per_s=m.samples_per_s, created_at=utcnow(),
                 )
             )
-        log.info("job %s epoch %d train_loss %.4f", self.claim.job_id, m.epoch, m.train_loss)
 
 
-def _finish(claim: Claim, status: JobStatus, **values) -> None:
-    with session_scope() as session:
-        done = session.execute(
-            _fenced(claim).values(status=status, finished_at=utcnow(), lease_token=None, **values)
-        )
-        if done.rowcount != 1:
-            raise LeaseLost
+def _finish(claim: Claim, status: JobStatus, message: str, epoch: int | None, **values: Any) -> None:
+    """The attempt's last fenced write: a terminal status, or back to the queue (values say which)."""
+
+    def write() -> None:
+        with session_scope() as session:
+            done = session.execute(
+                _fenced(claim).values(status=status, lease_token=None, lease_expires_at=None, **values)
+            )
+            if done.rowcount != 1:
+                raise LeaseLost
+            record(session, claim.job_id, status.value if status.terminal else "handed_back", message,
+                   attempt=claim.attempt, worker=claim.worker, epoch=epoch)
+
+    _retrying(write, get_settings(), f"recording that the job {status.value}")
 
 
 def run_job(job_id: str, worker: str, settings: Settings | None = None) -> JobStatus | None:
@@ -163,34 +233,60 @@ def run_job(job_id: str, worker: str, settings: Settings | None = None) -> JobSt
     try:
         with Lease(job_claim, settings) as lease:
             return _train(job_claim, lease, settings)
-    except LeaseLost:
-        log.warning("job %s: attempt %d superseded; its results are discarded", job_id, job_claim.attempt)
+    except LeaseLost as exc:
+        log.warning("job %s: attempt %d stopped without writing (%s)", job_id, job_claim.attempt, exc or "superseded")
         return None
     except Exception as exc:  # a bug or a resource error: fail the job with a sentence, not silence
         log.exception("job %s: training crashed", job_id)
         with contextlib.suppress(LeaseLost):
-            _finish(job_claim, JobStatus.failed, error=f"the worker crashed: {type(exc).__name__}: {exc}")
+            _finish(job_claim, JobStatus.failed, f"the worker crashed: {type(exc).__name__}: {exc}", None,
+                    finished_at=utcnow(), error=f"the worker crashed: {type(exc).__name__}: {exc}")
         return JobStatus.failed
 
 
 def _train(claim: Claim, lease: Lease, settings: Settings) -> JobStatus:
     spec = claim.spec
+    store = ArtifactStore(settings.artifacts_path)
+    store.checkpoint_dir(claim.job_id).mkdir(parents=True, exist_ok=True)
     info = BUILTIN_DATASETS[spec.data.dataset]
     x, y = load_dataset(spec.data, spec.seed)
     split = split_dataset(x, y, info.task, spec.data.val_fraction, spec.seed)
     torch.manual_seed(spec.seed)
     model = build_model(spec.model, x.shape[1], output_size(info.task, info.classes, spec.loss))
     data = TrainData.from_split(split, info.task, spec.loss, torch.device("cpu"))
+    resume = None
+    if claim.resume_epoch:
+        try:
+            resume = load_checkpoint(store.checkpoint_path(claim.job_id, claim.resume_epoch), claim.spec_digest)
+        except (CheckpointError, FileNotFoundError) as exc:
+            raise RuntimeError(f"the epoch-{claim.resume_epoch} checkpoint cannot be read ({exc})") from exc
+
+    recorder = EpochRecorder(claim, store, settings)
     try:
-        result = fit(model, data, spec, callbacks=[EpochRecorder(claim, settings)], should_stop=lease.should_stop)
+        result = fit(model, data, spec, callbacks=[recorder], should_stop=lease.should_stop, resume=resume)
     except DivergedError as exc:
-        _finish(claim, JobStatus.failed, error=str(exc))
+        _finish(claim, JobStatus.failed, str(exc), exc.epoch, finished_at=utcnow(), error=str(exc))
         return JobStatus.failed
-    if lease.lost.is_set():
-        raise LeaseLost
-    if result.stopped == "cancelled":
-        _finish(claim, JobStatus.cancelled)
-        return JobStatus.cancelled
+    done = result.history[-1].epoch if result.history else claim.resume_epoch
+
+    match result.stopped:
+        case "lease lost":
+            raise LeaseLost("superseded")
+        case "cancelled":
+            _finish(claim, JobStatus.cancelled, f"cancelled during epoch {done + 1}", done, finished_at=utcnow())
+            return JobStatus.cancelled
+        case "time limit":
+            limit = spec.time_limit_s or settings.default_time_limit_s
+            error = f"time limit of {limit} s exceeded during epoch {done + 1}; the epoch-{done} checkpoint is kept"
+            _finish(claim, JobStatus.failed, error, done, finished_at=utcnow(), error=error)
+            return JobStatus.failed
+        case "shutdown":
+            # Hand the job back at once instead of waiting for the lease to lapse; the next attempt
+            # resumes from the last checkpoint, so at most the current epoch is trained again.
+            _finish(claim, JobStatus.queued, f"handed back by {claim.worker} (shutting down) after epoch {done}",
+                    done, worker=None, published_at=None)
+            publish_job(claim.job_id)  # if the broker is unreachable, the reconciler publishes it later
+            return JobStatus.queued
 
     meta = {
         "format": "kiln.weights/1",
@@ -207,8 +303,7 @@ def _train(claim: Claim, lease: Lease, settings: Settings) -> JobStatus:
         "spec": spec.model_dump(mode="json"),
         "job_id": claim.job_id,
     }
-    path = ArtifactStore(settings.artifacts_path).path(claim.job_id, WEIGHTS)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    sha256 = save_weights(path, model, meta)
-    _finish(claim, JobStatus.succeeded, weights_sha256=sha256)
+    sha256 = save_weights(store.path(claim.job_id, WEIGHTS), model, meta)
+    _finish(claim, JobStatus.succeeded, f"succeeded after {done} epochs", done, finished_at=utcnow(),
+            weights_sha256=sha256)
     return JobStatus.succeeded

@@ -7,7 +7,7 @@ from fastapi import APIRouter, Header, Query, Request, Response, status
 from fastapi.responses import FileResponse
 
 from api.deps import OwnerDep, SessionDep
-from api.schemas import JobList, JobMetrics, JobOut
+from api.schemas import JobHistory, JobList, JobMetrics, JobOut
 from api.services import jobs as service
 from kiln.spec import JobSpec
 from kiln.tables import JobStatus
@@ -63,6 +63,12 @@ def job_metrics(
 ) -> JobMetrics:
     rows = service.job_metrics(session, owner, job_id, since)
     return JobMetrics(job_id=job_id, epochs=rows)
+
+
+@router.get("/{job_id}/history", response_model=JobHistory)
+def job_history(job_id: str, session: SessionDep, owner: OwnerDep) -> JobHistory:
+    """Every transition of the job: submitted, claimed by which worker, lost, resumed, finished."""
+    return JobHistory(job_id=job_id, events=service.job_history(session, owner, job_id))
 
 
 @router.get(

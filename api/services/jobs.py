@@ -16,10 +16,12 @@ from sqlalchemy.orm import Session
 
 from api.errors import Conflict, InvalidRequest, NotFound
 from kiln.db import utcnow
-from kiln.dispatch import publish_train
+from kiln.dispatch import publish_job
+from kiln.history import record
+from kiln.settings import get_settings
 from kiln.spec import JobSpec
 from kiln.storage import ArtifactStore
-from kiln.tables import EpochMetric, Job, JobStatus
+from kiln.tables import EpochMetric, Job, JobEvent, JobStatus
 
 log = logging.getLogger("kiln.api.jobs")
 
@@ -33,12 +35,21 @@ class Created:
 def create_job(session: Session, owner: str, spec: JobSpec, idempotency_key: str | None) -> Created:
     if idempotency_key and (earlier := _by_idempotency_key(session, owner, idempotency_key)):
         return Created(earlier, new=False)
+    settings = get_settings()
+    if spec.time_limit_s is not None and spec.time_limit_s > settings.max_time_limit_s:
+        raise InvalidRequest(
+            f"time_limit_s may be at most {settings.max_time_limit_s} s on this server; ask for less.",
+            details=[{"field": "body.time_limit_s", "message": f"at most {settings.max_time_limit_s}"}],
+        )
+    # The stored spec is the normalised one: every default filled in, the server's time limit too.
+    spec = spec.model_copy(update={"time_limit_s": spec.time_limit_s or settings.default_time_limit_s})
     job = Job(
         id=str(uuid.uuid4()), owner=owner, name=spec.name, status=JobStatus.queued,
         spec=spec.model_dump(mode="json"), idempotency_key=idempotency_key, created_at=utcnow(),
-        epochs_completed=0, attempt=0, cancel_requested=False,
+        epochs_completed=0, checkpoint_epoch=0, attempt=0, cancel_requested=False,
     )
     session.add(job)
+    record(session, job.id, "queued", "submitted", attempt=0)
     try:
         session.commit()
     except IntegrityError:
@@ -48,20 +59,8 @@ def create_job(session: Session, owner: str, spec: JobSpec, idempotency_key: str
             return Created(earlier, new=False)
         raise
     # Publish only after the commit, so a worker can never receive an id the database lacks.
-    publish(session, job.id)
+    publish_job(job.id)
     return Created(job, new=True)
-
-
-def publish(session: Session, job_id: str) -> bool:
-    """Send a committed job to the broker and mark it published; on failure it stays in the outbox."""
-    try:
-        publish_train(job_id)
-    except Exception as exc:  # broker unreachable: the reconciler retries from the outbox
-        log.warning("could not publish job %s (%s); left in the outbox", job_id, exc)
-        return False
-    session.execute(update(Job).where(Job.id == job_id).values(published_at=utcnow()))
-    session.commit()
-    return True
 
 
 def _by_idempotency_key(session: Session, owner: str, key: str) -> Job | None:
@@ -143,21 +142,30 @@ def cancel_job(session: Session, owner: str, job_id: str) -> Job:
     job = get_job(session, owner, job_id)
     if job.status.terminal:
         raise Conflict(f"Job {job_id} has already {job.status.value}; only queued or running jobs can be cancelled.")
-    now = utcnow()
     still_queued = session.execute(
         update(Job)
         .where(Job.id == job_id, Job.status == JobStatus.queued)
-        .values(status=JobStatus.cancelled, cancel_requested=True, finished_at=now)
+        .values(status=JobStatus.cancelled, cancel_requested=True, finished_at=utcnow())
     )
-    if still_queued.rowcount == 0:  # a worker claimed it meanwhile: ask that worker to stop
-        session.execute(
+    if still_queued.rowcount == 1:
+        record(session, job_id, "cancelled", "cancelled before it started", attempt=job.attempt)
+    else:  # a worker claimed it meanwhile: ask that worker to stop at its next batch
+        asked = session.execute(
             update(Job).where(Job.id == job_id, Job.status == JobStatus.running).values(cancel_requested=True)
         )
+        if asked.rowcount == 1:
+            record(session, job_id, "cancel_requested", "cancel requested; stopping at the next batch",
+                   attempt=job.attempt, worker=job.worker)
     session.commit()
     session.refresh(job)
     if job.status in (JobStatus.succeeded, JobStatus.failed):  # it finished while we asked
         raise Conflict(f"Job {job_id} has already {job.status.value}; only queued or running jobs can be cancelled.")
     return job
+
+
+def job_history(session: Session, owner: str, job_id: str) -> list[JobEvent]:
+    get_job(session, owner, job_id)
+    return list(session.scalars(select(JobEvent).where(JobEvent.job_id == job_id).order_by(JobEvent.id)))
 
 
 def weights_path(session: Session, store: ArtifactStore, owner: str, job_id: str) -> tuple[Job, Path]:

@@ -1,0 +1,109 @@
+"""The reconciler: the database says what should be running; make the broker agree.
+
+Run periodically by the API. Every step is a conditional UPDATE or an idempotent publish, so two
+API processes reconciling at once do no harm (the worker's claim lets only one delivery train).
+"""
+
+import logging
+from dataclasses import dataclass
+from datetime import timedelta
+
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session
+
+from kiln.db import utcnow
+from kiln.dispatch import job_ids_in_broker, publish_job
+from kiln.history import record
+from kiln.settings import Settings
+from kiln.tables import Job, JobStatus
+
+log = logging.getLogger("kiln.reconciler")
+BATCH = 500
+
+
+@dataclass
+class Reconciled:
+    published: int = 0  # left in the outbox by a failed or never-attempted publish
+    requeued: int = 0  # lease expired: the worker died or lost its way to the database
+    gave_up: int = 0  # lease expired on the last allowed attempt
+    republished: int = 0  # queued, published, but the broker no longer holds the message
+
+    def __bool__(self) -> bool:
+        return any(vars(self).values())
+
+
+def reconcile(session: Session, settings: Settings) -> Reconciled:
+    done = Reconciled()
+    _expired_leases(session, settings, done)
+    _lost_messages(session, settings, done)
+    _outbox(session, settings, done)
+    return done
+
+
+def _expired_leases(session: Session, settings: Settings, done: Reconciled) -> None:
+    now = utcnow()
+    expired = session.execute(
+        select(Job.id, Job.attempt, Job.worker, Job.epochs_completed)
+        .where(Job.status == JobStatus.running, Job.lease_expires_at < now)
+        .limit(BATCH)
+    ).all()
+    for job_id, attempt, worker, epoch in expired:
+        still_expired = (Job.id == job_id) & (Job.status == JobStatus.running) & (Job.lease_expires_at < now)
+        lost = f"worker {worker} lost during epoch {epoch + 1} (no heartbeat for {settings.lease_s:.0f} s)"
+        if attempt >= settings.max_attempts:
+            error = f"worker lost {attempt} times; giving up"
+            changed = session.execute(
+                update(Job).where(still_expired).values(
+                    status=JobStatus.failed, error=error, finished_at=now, lease_token=None, lease_expires_at=None
+                )
+            ).rowcount
+            if changed:
+                record(session, job_id, "failed", f"{lost}; {error}", attempt=attempt, worker=worker, epoch=epoch)
+                done.gave_up += 1
+        else:
+            # Back to the queue with the lease cleared: the lost attempt's fenced writes now fail, so even a
+            # worker that was only cut off, not dead, cannot write beside the next attempt.
+            changed = session.execute(
+                update(Job).where(still_expired).values(
+                    status=JobStatus.queued, lease_token=None, lease_expires_at=None, worker=None, published_at=None
+                )
+            ).rowcount
+            if changed:
+                record(session, job_id, "worker_lost", f"{lost}; queued again", attempt=attempt, worker=worker,
+                       epoch=epoch)
+                done.requeued += 1
+        session.commit()
+
+
+def _lost_messages(session: Session, settings: Settings, done: Reconciled) -> None:
+    cutoff = utcnow() - timedelta(seconds=settings.lost_message_grace_s)
+    waiting = session.scalars(
+        select(Job.id).where(Job.status == JobStatus.queued, Job.published_at < cutoff).limit(BATCH)
+    ).all()
+    if not waiting:
+        return
+    in_broker = job_ids_in_broker(settings)
+    if in_broker is None:  # the broker cannot be inspected right now; try again next round
+        return
+    for job_id in set(waiting) - in_broker:
+        changed = session.execute(
+            update(Job).where(Job.id == job_id, Job.status == JobStatus.queued, Job.published_at < cutoff)
+            .values(published_at=None)
+        ).rowcount
+        if changed:
+            record(session, job_id, "message_lost", "the broker lost the job's message; publishing it again",
+                   attempt=0)
+            done.republished += 1
+        session.commit()
+
+
+def _outbox(session: Session, settings: Settings, done: Reconciled) -> None:
+    cutoff = utcnow() - timedelta(seconds=settings.outbox_grace_s)
+    stranded = session.scalars(
+        select(Job.id)
+        .where(Job.status == JobStatus.queued, Job.published_at.is_(None), Job.created_at < cutoff)
+        .order_by(Job.created_at)
+        .limit(BATCH)
+    ).all()
+    session.rollback()  # end the read transaction before publishing (SQLite: release the snapshot)
+    done.published += sum(publish_job(job_id) for job_id in stranded)

@@ -12,6 +12,7 @@ class EpochMetrics(BaseModel):
     model_config = ConfigDict(from_attributes=True)
 
     epoch: int
+    attempt: int  # which attempt trained it (more than 1 after a worker was lost and the job resumed)
     train_loss: float
     val_loss: float | None
     val_accuracy: float | None

@@ -57,11 +57,13 @@ def _ensure_api_key(data_dir: Path) -> str:
     return key
 
 
-def _worker_command(concurrency: int, queue: str) -> list[str]:
+def worker_command(concurrency: int, queue: str, hostname: str | None = None) -> list[str]:
+    """The Celery worker command line every kiln worker runs (`kiln up`, `kiln worker`, the tests)."""
     return [
         sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker", "--pool", "prefork",
         "--concurrency", str(concurrency), "--queues", queue, "--loglevel", "INFO",
-        "--hostname", f"kiln-{os.getpid()}@{socket.gethostname()}", "--without-mingle", "--without-gossip",
+        "--hostname", hostname or f"kiln-{os.getpid()}@{socket.gethostname()}", "--without-mingle",
+        "--without-gossip",
     ]
 
 
@@ -99,7 +101,7 @@ def up(host: str, port: int, data_dir: Path | None, concurrency: int) -> None:
         # Own sessions: Ctrl-C reaches only this process, which then stops the children in order
         # (API first, then the worker, which finishes or hands back its job, then the broker).
         children.append(
-            subprocess.Popen(_worker_command(concurrency, settings.queue), env=env, start_new_session=True)
+            subprocess.Popen(worker_command(concurrency, settings.queue), env=env, start_new_session=True)
         )
         children.append(
             subprocess.Popen(
@@ -159,7 +161,7 @@ def worker(concurrency: int, queue: str | None) -> None:
     """Run a training worker against KILN_BROKER_URL and KILN_DATABASE_URL."""
     os.environ["KILN_WORKER_CONCURRENCY"] = str(concurrency)
     get_settings.cache_clear()
-    os.execv(sys.executable, _worker_command(concurrency, queue or get_settings().queue))
+    os.execv(sys.executable, worker_command(concurrency, queue or get_settings().queue))
 
 
 @main.command()

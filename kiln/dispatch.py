@@ -41,7 +41,13 @@ def make_celery(settings: Settings) -> Celery:
         task_acks_late=True,
         task_reject_on_worker_lost=True,
         worker_prefetch_multiplier=1,
-        broker_transport_options={"visibility_timeout": settings.visibility_timeout_s},
+        broker_transport_options={
+            "visibility_timeout": settings.visibility_timeout_s,
+            # kombu looks for expired unacknowledged messages every interval x throttle seconds
+            # (100 s by default); keep that well inside the visibility timeout, one cheap scan each.
+            "unacked_restore_interval": max(1, min(10, settings.visibility_timeout_s // 10)),
+            "unacked_restore_throttle": 1,
+        },
         task_default_queue=settings.queue,
         broker_connection_retry_on_startup=True,
         broker_connection_timeout=3,

@@ -42,9 +42,10 @@ def wait_until(predicate, timeout: float, interval: float = 0.05, what: str = "c
 class EmbeddedRedis:
     """A private redis-server child process bound to 127.0.0.1; AOF keeps queued messages across restarts."""
 
-    def __init__(self, data_dir: Path, binary: str | None = None) -> None:
+    def __init__(self, data_dir: Path, binary: str | None = None, persist: bool = True) -> None:
         self.data_dir = data_dir
         self.binary = binary or redis_server_binary()
+        self.persist = persist
         self.port = 0
         self.process: subprocess.Popen | None = None
 
@@ -53,13 +54,14 @@ class EmbeddedRedis:
         return f"redis://127.0.0.1:{self.port}/0"
 
     def start(self, timeout: float = 10.0) -> "EmbeddedRedis":
+        """Start on a free port, or on the port it had before when restarted."""
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        for _ in range(3):  # another process may grab the free port between our probe and the bind
-            self.port = free_port()
+        for _ in range(1 if self.port else 3):  # a free port may be taken between our probe and the bind
+            self.port = self.port or free_port()
             self.process = subprocess.Popen(
                 [
                     self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--protected-mode", "yes",
-                    "--dir", str(self.data_dir), "--save", "", "--appendonly", "yes",
+                    "--dir", str(self.data_dir), "--save", "", "--appendonly", "yes" if self.persist else "no",
                     "--maxmemory-policy", "noeviction", "--daemonize", "no", "--loglevel", "warning",
                 ],
                 stdout=subprocess.DEVNULL,
@@ -71,7 +73,7 @@ class EmbeddedRedis:
                 return self
             except (TimeoutError, RuntimeError) as exc:
                 self.stop()
-                error = exc
+                self.port, error = 0, exc
         raise RuntimeError(f"could not start {self.binary}: {error}")
 
     def _ready(self) -> bool:

@@ -11,7 +11,7 @@ import signal
 import subprocess
 import sys
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,6 +20,7 @@ import pytest
 import redis
 from sqlalchemy import create_engine, make_url, text
 
+from kiln.cli import worker_command
 from kiln.dispatch import make_celery
 from kiln.embedded import EmbeddedRedis, free_port, wait_until
 from kiln.migrate import upgrade
@@ -29,22 +30,35 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="session")
-def database_url(tmp_path_factory) -> Iterator[str]:
+def make_database(tmp_path_factory) -> Iterator[Callable[[], str]]:
+    """A factory of fresh, empty databases: SQLite files, or throwaway PostgreSQL databases on the
+    server named by KILN_TEST_DATABASE_URL (all dropped when the session ends)."""
     server = os.environ.get("KILN_TEST_DATABASE_URL")
-    if not server:
-        yield f"sqlite:///{tmp_path_factory.mktemp('db') / 'kiln.db'}"
-        return
-    # A throwaway database per session, so runs never see each other's rows.
-    name = f"kiln_test_{uuid.uuid4().hex[:12]}"
-    admin = create_engine(server, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f'CREATE DATABASE "{name}"'))
-    try:
-        yield make_url(server).set(database=name).render_as_string(hide_password=False)
-    finally:
+    created: list[str] = []
+
+    def make() -> str:
+        if not server:
+            return f"sqlite:///{tmp_path_factory.mktemp('db') / 'kiln.db'}"
+        name = f"kiln_test_{uuid.uuid4().hex[:12]}"
         with admin.connect() as conn:
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
+            conn.execute(text(f'CREATE DATABASE "{name}"'))
+        created.append(name)
+        return make_url(server).set(database=name).render_as_string(hide_password=False)
+
+    admin = create_engine(server, isolation_level="AUTOCOMMIT") if server else None
+    try:
+        yield make
+    finally:
+        if admin is not None:
+            with admin.connect() as conn:
+                for name in created:
+                    conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+            admin.dispose()
+
+
+@pytest.fixture(scope="session")
+def database_url(make_database) -> str:
+    return make_database()
 
 
 @pytest.fixture(scope="session")
@@ -84,11 +98,18 @@ class Stack:
             return r.llen(self.settings.queue)
 
 
-def _start(cmd: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
-    return subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=log.open("wb"), stderr=subprocess.STDOUT)
+def start_process(cmd: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
+    return subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=log.open("ab"), stderr=subprocess.STDOUT)
 
 
-def _stop(process: subprocess.Popen) -> None:
+def api_command(port: int) -> list[str]:
+    return [
+        sys.executable, "-m", "uvicorn", "api.app:create_app", "--factory", "--host", "127.0.0.1",
+        "--port", str(port), "--log-level", "warning",
+    ]
+
+
+def stop_process(process: subprocess.Popen) -> None:
     if process.poll() is None:
         process.send_signal(signal.SIGTERM)
         try:
@@ -123,17 +144,8 @@ def stack(request, tmp_path_factory, database_url: str, broker_url: str) -> Iter
     port = free_port()
     hostname = f"test-{uuid.uuid4().hex[:6]}@{os.uname().nodename}"
     stack = Stack(url=f"http://127.0.0.1:{port}", api_key=api_key, env=env, settings=settings, logs=logs)
-    stack.processes["worker"] = _start(
-        [sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker", "--pool", "prefork",
-         "--concurrency", "1", "--queues", settings.queue, "--hostname", hostname, "--loglevel", "INFO",
-         "--without-mingle", "--without-gossip"],
-        env, logs / "worker.log",
-    )
-    stack.processes["api"] = _start(
-        [sys.executable, "-m", "uvicorn", "api.app:create_app", "--factory", "--host", "127.0.0.1",
-         "--port", str(port), "--log-level", "warning"],
-        env, logs / "api.log",
-    )
+    stack.processes["worker"] = start_process(worker_command(1, settings.queue, hostname), env, logs / "worker.log")
+    stack.processes["api"] = start_process(api_command(port), env, logs / "api.log")
     celery = make_celery(settings)
     try:
         wait_until(lambda: _api_ready(stack), timeout=60, interval=0.1, what="the API server")
@@ -141,7 +153,7 @@ def stack(request, tmp_path_factory, database_url: str, broker_url: str) -> Iter
         yield stack
     finally:
         for process in stack.processes.values():
-            _stop(process)
+            stop_process(process)
         celery.close()
         # The processes' logs are evidence when something failed; keep quiet otherwise.
         for log in sorted(logs.iterdir()) if request.session.testsfailed else ():
@@ -163,3 +175,11 @@ def _api_ready(stack: Stack) -> bool:
 def client(stack: Stack) -> Iterator[httpx.Client]:
     with stack.client() as c:
         yield c
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_makereport(item, call):
+    # Lets fixtures see whether the test failed (item.rep_call.failed) and print process logs then.
+    report = yield
+    setattr(item, f"rep_{report.when}", report)
+    return report

@@ -215,3 +215,22 @@ def test_duplicate_delivery_runs_a_job_once(stack, client):
     job = client.get(f"/v1/jobs/{job['id']}").json()
     assert job["attempt"] == 1
     assert [m["epoch"] for m in client.get(f"/v1/jobs/{job['id']}/metrics").json()["epochs"]] == [1, 2, 3]
+
+
+def test_time_limit_fails_the_job_once_and_keeps_the_checkpoint(stack, client):
+    job = client.post("/v1/jobs", json={**LONG, "time_limit_s": 3}).json()
+    assert job["spec"]["time_limit_s"] == 3
+    job = stack.wait_for_job(client, job["id"], lambda j: j["status"] != "queued" and j["status"] != "running", 60)
+    assert job["status"] == "failed"
+    assert job["error"].startswith("time limit of 3 s exceeded during epoch ")
+    assert job["error"].endswith(f"the epoch-{job['epochs_completed']} checkpoint is kept")
+    kinds = [e["kind"] for e in client.get(f"/v1/jobs/{job['id']}/history").json()["events"]]
+    assert kinds == ["queued", "claimed", "failed"], "no requeue loop"
+
+
+def test_time_limit_over_the_server_cap_is_refused(client):
+    response = client.post("/v1/jobs", json={**DIGITS, "time_limit_s": 20 * 24 * 3600})
+    assert response.status_code == 422
+    assert response.json()["error"]["details"][0]["field"] == "body.time_limit_s"
+    default = client.post("/v1/jobs", json={**DIGITS, "epochs": 1}).json()
+    assert default["spec"]["time_limit_s"] == 24 * 3600, "the server default is filled in"

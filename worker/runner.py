@@ -220,6 +220,7 @@ def _finish(claim: Claim, status: JobStatus, message: str, epoch: int | None, **
                    attempt=claim.attempt, worker=claim.worker, epoch=epoch)
 
     _retrying(write, get_settings(), f"recording that the job {status.value}")
+    log.info("job %s attempt %d finished: %s", claim.job_id, claim.attempt, message)
 
 
 def run_job(job_id: str, worker: str, settings: Settings | None = None) -> JobStatus | None:
@@ -229,7 +230,8 @@ def run_job(job_id: str, worker: str, settings: Settings | None = None) -> JobSt
     if job_claim is None:
         log.info("job %s: not claimable (taken, finished or cancelled); acknowledging", job_id)
         return None
-    log.info("job %s: claimed by %s, attempt %d", job_id, worker, job_claim.attempt)
+    log.info("job %s: claimed by %s, attempt %d, resuming after epoch %d", job_id, worker, job_claim.attempt,
+             job_claim.resume_epoch)
     try:
         with Lease(job_claim, settings) as lease:
             return _train(job_claim, lease, settings)
@@ -277,7 +279,8 @@ def _train(claim: Claim, lease: Lease, settings: Settings) -> JobStatus:
             return JobStatus.cancelled
         case "time limit":
             limit = spec.time_limit_s or settings.default_time_limit_s
-            error = f"time limit of {limit} s exceeded during epoch {done + 1}; the epoch-{done} checkpoint is kept"
+            kept = f"the epoch-{done} checkpoint is kept" if done else "no epoch had completed"
+            error = f"time limit of {limit} s exceeded during epoch {done + 1}; {kept}"
             _finish(claim, JobStatus.failed, error, done, finished_at=utcnow(), error=error)
             return JobStatus.failed
         case "shutdown":

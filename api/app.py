@@ -5,7 +5,7 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI
 from starlette.concurrency import run_in_threadpool
 
 from api.deps import key_digest
@@ -45,18 +45,28 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.store = ArtifactStore(settings.artifacts_path)
     install_error_handlers(app)
 
-    @app.middleware("http")
-    async def limit_body(request: Request, call_next):
-        # Refuse oversized bodies from the declared length before reading them.
-        length = request.headers.get("content-length")
-        if length and length.isdigit() and int(length) > settings.max_body_bytes:
-            err = PayloadTooLarge(f"The request body is over {settings.max_body_bytes} bytes; send a smaller one.")
-            return error_response(err.status, err.code, err.message)
-        return await call_next(request)
-
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
     app.include_router(health.router)
     app.include_router(jobs.router)
     return app
+
+
+class BodyLimit:
+    """Refuses a request whose declared body is over the limit before reading it (plain ASGI, so an
+    error raised later in the request is not entangled with a middleware's response handling)."""
+
+    def __init__(self, app, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http":
+            length = dict(scope["headers"]).get(b"content-length", b"")
+            if length.isdigit() and int(length) > self.max_bytes:
+                err = PayloadTooLarge(f"The request body is over {self.max_bytes} bytes; send a smaller one.")
+                await error_response(err.status, err.code, err.message)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
 
 
 async def _reconcile_forever(settings: Settings) -> None:

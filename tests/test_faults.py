@@ -116,7 +116,14 @@ class FaultStack:
 
     def wait_job(self, job_id: str, predicate, timeout: float = 120) -> dict:
         def check() -> dict | None:
-            job = self.job(job_id)
+            # As a real client would during an outage: a 503 or a dropped connection means "ask again".
+            try:
+                response = self.http.get(f"/v1/jobs/{job_id}")
+            except httpx.TransportError:
+                return None
+            if response.status_code == 503:
+                return None
+            job = response.json()
             return job if predicate(job) else None
 
         return wait_until(check, timeout, 0.05, f"job {job_id}")

@@ -115,7 +115,7 @@ def _retrying(write: Callable[[], T], settings: Settings, what: str) -> T:
                 raise LeaseLost(f"database unreachable for {settings.lease_s:.0f} s while {what}") from None
             log.warning("database unreachable while %s; retrying in %.1f s", what, delay)
             time.sleep(delay)
-            delay = min(delay * 2, 2.0)
+            delay = min(delay * 2, 1.0)
 
 
 class Lease:

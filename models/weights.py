@@ -5,16 +5,20 @@ is a JSON object with at least:
 
     format         "kiln.weights/1"
     model          the model spec (kiln.spec.ModelSpec as a dict), e.g. {"type": "mlp", "hidden": [64], ...}
-    in_features    int, columns of the raw input
+    in_features    int, columns of the raw input (rows are flat)
+    input_shape    list[int], one row's shape, e.g. [1, 8, 8] (optional: [in_features] when absent)
     out_features   int, width of the model's output
-    task           "classification" | "binary" | "regression"
-    loss           "cross_entropy" | "bce" | "mse"
-    classes        int, or None for regression
+    task           "classification" | "binary" | "regression" | "reconstruction" | "embedding"
+    loss           "cross_entropy" | "bce" | "mse" | "l1" | "huber" (None for "embedding")
+    classes        int, or None for regression, reconstruction and embedding
     input_mean     list[float], per-feature mean of the training rows
     input_std      list[float], per-feature std of the training rows (zeros replaced by 1)
     target_mean    float, regression only (None or absent otherwise)
     target_std     float, regression only (None or absent otherwise)
     spec           the full JobSpec as a dict
+
+"embedding" is an autoencoder's encoder saved on its own (see encoder_weights): an MLP whose outputs are the
+latent codes.
 
 Loading never unpickles anything (no torch.load): a safetensors file is a JSON header and raw bytes.
 """
@@ -32,10 +36,13 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from kiln.spec import ModelSpec
+from kiln.catalog import Task
+from kiln.spec import AutoencoderSpec, ModelSpec
 from models import build_model
+from models.autoencoder import Autoencoder, encoder_spec
 
 FORMAT = "kiln.weights/1"
+EMBEDDING = "embedding"  # the task of an encoder saved alone: it maps rows to latent codes
 REQUIRED_META = frozenset(
     {"format", "model", "in_features", "out_features", "task", "loss", "classes", "input_mean",
      "input_std", "spec"}
@@ -90,20 +97,42 @@ def load_weights(path: str | os.PathLike) -> tuple[nn.Module, dict]:
     except SafetensorError as exc:
         raise WeightsError(f"{path}: not a safetensors file ({exc})") from exc
 
-    model = build_model(_model_spec.validate_python(meta["model"]), meta["in_features"], meta["out_features"])
+    in_shape = tuple(meta.get("input_shape") or [meta["in_features"]])
+    model = build_model(_model_spec.validate_python(meta["model"]), in_shape, meta["out_features"])
     model.load_state_dict(state, strict=True)
     return model.eval(), meta
 
 
+def encoder_weights(model: Autoencoder, meta: dict) -> tuple[nn.Module, dict]:
+    """An autoencoder's encoder and the metadata that makes it a weights file of its own (save it with
+    save_weights): it loads as an MLP, and predict() on it returns the latent codes of raw rows."""
+    spec = AutoencoderSpec.model_validate(meta["model"])
+    encoder_meta = meta | {
+        "model": encoder_spec(spec).model_dump(mode="json"),
+        "out_features": spec.latent,
+        "task": EMBEDDING,
+        "loss": None,
+        "classes": None,
+        "target_mean": None,
+        "target_std": None,
+    }
+    return model.encoder, encoder_meta
+
+
 def predict(model: nn.Module, meta: dict, x_raw: np.ndarray) -> np.ndarray:
-    """Predictions for raw (unstandardised) rows: class indices (int64) for classification and binary
-    tasks, values (float32, in target units) for regression."""
+    """Predictions for raw (unstandardised) rows, flat (n, in_features) or shaped (n, *input_shape):
+    class indices (int64) for classification and binary tasks; values (float32, in target units) for
+    regression; reconstructed rows (float32, flat, in input units) for reconstruction; latent codes
+    (float32, (n, latent)) for an embedding."""
     x_raw = np.asarray(x_raw, dtype=np.float32)
-    if x_raw.ndim != 2 or x_raw.shape[1] != meta["in_features"]:
-        raise ValueError(f"expected inputs of shape (n, {meta['in_features']}), got {x_raw.shape}")
+    features = meta["in_features"]
+    shapes = {(features,), tuple(meta.get("input_shape") or [features])}
+    if x_raw.ndim < 2 or x_raw.shape[1:] not in shapes:
+        expected = " or ".join(str(("n", *s)).replace("'", "") for s in sorted(shapes))
+        raise ValueError(f"expected inputs of shape {expected}, got {x_raw.shape}")
     mean = np.asarray(meta["input_mean"], dtype=np.float32)
     std = np.asarray(meta["input_std"], dtype=np.float32)
-    x = torch.from_numpy((x_raw - mean) / std).to(next(model.parameters()).device)
+    x = torch.from_numpy((x_raw.reshape(len(x_raw), features) - mean) / std).to(next(model.parameters()).device)
 
     was_training = model.training
     model.eval()  # dropout off; the caller's mode is restored below
@@ -113,7 +142,11 @@ def predict(model: nn.Module, meta: dict, x_raw: np.ndarray) -> np.ndarray:
     finally:
         model.train(was_training)
 
-    if meta["task"] == "regression":
+    if meta["task"] == EMBEDDING:
+        return out.astype(np.float32)
+    if meta["task"] == Task.reconstruction:
+        return (out * std + mean).astype(np.float32)
+    if meta["task"] == Task.regression:
         y = out[:, 0]
         if meta.get("target_mean") is not None:
             y = y * meta["target_std"] + meta["target_mean"]

@@ -1,29 +1,46 @@
 """Unit tests for the built-in datasets and the pure training loop (CPU, no services)."""
 
 import copy
+import json
 import math
 import re
 
 import numpy as np
 import pytest
 import torch
+from sklearn.metrics import r2_score
 
 from kiln.catalog import BUILTIN_DATASETS, Task
-from kiln.spec import DataSpec, JobSpec
-from models import build_model
-from worker.datasets import load_dataset, split_dataset
+from kiln.spec import DataSpec, JobSpec, LossOptions, OptimizerSpec
+from worker import preparation
+from worker.checkpoint import load_checkpoint, save_checkpoint
+from worker.datasets import load_arrays, load_dataset, make_sine, split_dataset
 from worker.training import (
+    LR_SWEEP,
     DivergedError,
     EpochMetrics,
     FitResult,
     LoopState,
     TrainData,
     fit,
+    grad_norms,
+    lr_range_test,
+    make_loss,
+    make_optimizer,
     output_size,
 )
 
 SGD = {"type": "sgd", "lr": 0.05, "momentum": 0.9, "weight_decay": 1e-4}
 ADAM = {"type": "adam", "lr": 0.01}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Models this small train fastest on one thread, and far faster when another process busies a core."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def make_spec(**fields) -> JobSpec:
@@ -40,16 +57,13 @@ def make_spec(**fields) -> JobSpec:
 
 def prepare(spec: JobSpec) -> tuple[torch.nn.Module, TrainData]:
     """What the runner does before fit(): load, split, seed, build."""
-    info = BUILTIN_DATASETS[spec.data.dataset]
-    x, y = load_dataset(spec.data, spec.seed)
-    split = split_dataset(x, y, info.task, spec.data.val_fraction, spec.seed)
-    torch.manual_seed(spec.seed)
-    model = build_model(spec.model, x.shape[1], output_size(info.task, info.classes, spec.loss))
-    return model, TrainData.from_split(split, info.task, spec.loss, "cpu")
+    job = preparation.prepare(spec)
+    return job.model, job.data
 
 
 def curve(result: FitResult) -> list[tuple]:
-    return [(m.epoch, m.train_loss, m.val_loss, m.val_accuracy) for m in result.history]
+    return [(m.epoch, m.train_loss, m.val_loss, m.val_accuracy, m.lr, m.grad_norm, m.grad_norm_per_layer,
+             m.train_accuracy) for m in result.history]
 
 
 class Recorder:
@@ -234,28 +248,53 @@ def test_same_seed_gives_identical_curves(fields):
     assert curve(first) == curve(second)
 
 
-@pytest.mark.parametrize("optimizer", [SGD, ADAM], ids=["sgd-momentum", "adam"])
-def test_resumed_run_reproduces_the_uninterrupted_one(optimizer):
+RESUMABLE = {
+    "sgd-momentum": {"optimizer": SGD},
+    "adam": {"optimizer": ADAM},
+    "sgd-nesterov-clip": {"optimizer": SGD | {"nesterov": True}, "grad_clip": 0.5},
+    "adamw-step": {"optimizer": {"type": "adamw", "lr": 0.01}, "scheduler": {"type": "step", "step_size": 2, "gamma": 0.5}},
+    "rmsprop-cosine": {"optimizer": {"type": "rmsprop", "lr": 0.003, "momentum": 0.5}, "scheduler": {"type": "cosine"}},
+    "one_cycle": {"optimizer": ADAM, "scheduler": {"type": "one_cycle", "pct_start": 0.4}},
+    "plateau": {"optimizer": {"type": "adam", "lr": 0.05}, "scheduler": {"type": "plateau", "patience": 0, "factor": 0.5, "threshold": 0.2}},
+    "early-stopping": {"optimizer": {"type": "adam", "lr": 0.05}, "epochs": 30,
+                       "early_stopping": {"patience": 2, "min_delta": 0.01}},
+    "lr-auto": {"optimizer": {"type": "sgd", "lr": "auto", "momentum": 0.9}},
+}
+
+
+@pytest.mark.parametrize("fields", RESUMABLE.values(), ids=RESUMABLE.keys())
+def test_resumed_run_reproduces_the_uninterrupted_one(fields, tmp_path):
     # Dropout draws from the global RNG, so the checkpoint's RNG states matter here.
-    spec = make_spec(optimizer=optimizer, epochs=6, model={"type": "mlp", "hidden": [16], "dropout": 0.2})
-    whole = fit(*prepare(spec), spec)
+    spec = make_spec(**{"epochs": 6, "model": {"type": "mlp", "hidden": [16], "dropout": 0.2}} | fields)
+    whole_model, data = prepare(spec)
+    whole = fit(whole_model, data, spec)
 
     states = []
 
     class Keep:
+        """Each epoch's state through a real checkpoint file, as the runner keeps it."""
+
         def on_epoch_end(self, metrics, state):
-            states.append(copy.deepcopy(state.state_dict()))
+            path = tmp_path / f"epoch-{metrics.epoch}.safetensors"
+            save_checkpoint(path, state.state_dict(), "spec")
+            states.append(load_checkpoint(path, "spec"))
 
     head = fit(*prepare(spec), spec, callbacks=[Keep()])
+    assert curve(head) == curve(whole)
 
     # As a new process would resume from a checkpoint: a fresh model, the state of epoch 3, and the
     # global RNGs in some other state (restored from the checkpoint, so it must not matter).
     resumed, data = prepare(spec)
     torch.manual_seed(12345)
     tail = fit(resumed, data, spec, resume=states[2])
-    assert [m.epoch for m in tail.history] == [4, 5, 6]
+    assert [m.epoch for m in tail.history] == list(range(4, len(whole.history) + 1))
     assert curve(head)[:3] + curve(tail) == curve(whole)
-    assert all(torch.equal(a, b) for a, b in zip(states[-1]["model"].values(), resumed.state_dict().values(), strict=True))
+    assert tail.stopped == whole.stopped and tail.lr_search == whole.lr_search
+    assert all(torch.equal(a, b) for a, b in zip(whole_model.state_dict().values(), resumed.state_dict().values(), strict=True))
+    if "scheduler" in fields:
+        assert len({m.lr for m in whole.history}) > 1, "the schedule changed the learning rate"
+    if "early_stopping" in fields:
+        assert whole.stopped.startswith("early_stopping:") and len(whole.history) < spec.epochs
 
 
 def test_model_trains_in_train_mode_and_validates_in_eval_mode():
@@ -313,3 +352,260 @@ def test_absurd_learning_rate_diverges():
     assert f"at epoch {error.epoch}, batch {error.batch};" in str(error)
     assert len(recorder.epochs) == error.epoch - 1  # the epochs before it completed normally
     assert not all(torch.isfinite(p).all() for p in model.parameters())  # it really blew up
+
+
+# --- datasets: sine and uploads -----------------------------------------------------------------------
+
+
+def test_sine_is_a_seeded_frequency_band_task():
+    x, y = make_sine(600, seed=4)
+    assert x.shape == (600, 32) and np.array_equal(make_sine(600, seed=4)[0], x)
+    assert np.bincount(y).min() > 150  # three roughly balanced bands
+    # More cycles per window means more sign changes: the bands are told apart by frequency.
+    crossings = (np.diff(np.sign(make_sine(600, seed=4)[0] - 0), axis=1) != 0).sum(axis=1)
+    assert crossings[y == 0].mean() < crossings[y == 1].mean() < crossings[y == 2].mean()
+
+
+def test_load_arrays_flattens_shaped_rows_and_describes_them():
+    x = np.arange(5 * 2 * 3 * 4).reshape(5, 2, 3, 4)
+    flat, y, info = load_arrays("frames", x, [0, 1, 2, 1, 0], Task.classification)
+    assert flat.shape == (5, 24) and flat.dtype == np.float32 and np.array_equal(flat[1], x[1].ravel())
+    assert y.dtype == np.int64
+    assert (info.input_shape, info.classes, info.rows, info.layout.value) == ((2, 3, 4), 3, 5, "image")
+    _, values, info = load_arrays("series", np.zeros((4, 6, 2)), [0.5, 1, 2, 3], Task.regression)
+    assert values.dtype == np.float32 and info.layout.value == "sequence" and info.classes is None
+    _, _, unlabelled = load_arrays("rows", np.ones((3, 2)), None, Task.reconstruction)
+    assert unlabelled.task is Task.reconstruction
+
+
+@pytest.mark.parametrize(
+    ("x", "y", "task", "words"),
+    [
+        (np.ones(5), [0] * 5, Task.regression, "shape"),
+        (np.ones((3, 2)), [0, 1], Task.regression, "one value per row"),
+        (np.array([[1.0, np.nan], [0, 0]]), [0, 1], Task.binary, "finite"),
+        (np.ones((3, 2)), [0, 1, 2], Task.binary, "0..1"),
+        (np.ones((3, 2)), [0, 1.5, 1], Task.classification, "integers"),
+        (np.ones((3, 2)), None, Task.classification, "needs labels"),
+    ],
+)
+def test_load_arrays_refuses_what_cannot_train(x, y, task, words):
+    with pytest.raises(ValueError, match=re.escape(words)):
+        load_arrays("bad", x, y, task)
+
+
+def test_reconstruction_targets_are_the_inputs():
+    x, y = indexed_data()
+    data = TrainData.from_split(split_dataset(x, y, Task.reconstruction, 0.2, 0), Task.reconstruction, "l1", "cpu")
+    assert data.y_train is data.x_train and data.y_val is data.x_val
+    assert output_size(Task.reconstruction, None, "mse", features=3) == 3
+
+
+# --- losses, optimizers, schedules --------------------------------------------------------------------
+
+
+def test_each_loss_is_built_with_its_options():
+    assert type(make_loss("l1")) is torch.nn.L1Loss and type(make_loss("mse")) is torch.nn.MSELoss
+    assert make_loss("huber", LossOptions(delta=2.5)).delta == 2.5
+    assert make_loss("cross_entropy", LossOptions(label_smoothing=0.2)).label_smoothing == 0.2
+    assert type(make_loss("bce")) is torch.nn.BCEWithLogitsLoss
+    with pytest.raises(ValueError, match="unknown loss"):
+        make_loss("hinge")
+
+
+@pytest.mark.parametrize(
+    ("raw", "cls", "group"),
+    [
+        ({"type": "sgd", "lr": 0.1, "momentum": 0.9, "nesterov": True, "weight_decay": 0.01}, torch.optim.SGD,
+         {"lr": 0.1, "momentum": 0.9, "nesterov": True, "weight_decay": 0.01}),
+        ({"type": "adam", "lr": 0.002, "weight_decay": 0.1}, torch.optim.Adam, {"lr": 0.002, "weight_decay": 0.1}),
+        ({"type": "adamw", "lr": 0.003}, torch.optim.AdamW, {"lr": 0.003, "weight_decay": 0.01}),
+        ({"type": "rmsprop", "lr": 0.004, "alpha": 0.9, "momentum": 0.5, "weight_decay": 0.001}, torch.optim.RMSprop,
+         {"lr": 0.004, "alpha": 0.9, "momentum": 0.5, "weight_decay": 0.001}),
+    ],
+)
+def test_each_optimizer_is_built_with_its_options(raw, cls, group):
+    spec = make_spec(optimizer=raw).optimizer
+    optimizer = make_optimizer(spec, torch.nn.Linear(2, 1).parameters())
+    assert type(optimizer) is cls
+    assert {k: optimizer.param_groups[0][k] for k in group} == group
+
+
+def test_lr_auto_needs_the_chosen_rate():
+    spec: OptimizerSpec = make_spec(optimizer={"type": "adam", "lr": "auto"}).optimizer
+    with pytest.raises(ValueError, match="lr_range_test"):
+        make_optimizer(spec, torch.nn.Linear(2, 1).parameters())
+    assert make_optimizer(spec, torch.nn.Linear(2, 1).parameters(), lr=0.02).param_groups[0]["lr"] == 0.02
+
+
+def lrs(**fields) -> list[float]:
+    spec = make_spec(**{"epochs": 6, "optimizer": {"type": "sgd", "lr": 0.1}} | fields)
+    return [m.lr for m in fit(*prepare(spec), spec).history]
+
+
+def test_step_and_cosine_schedules_step_every_epoch():
+    assert lrs(scheduler={"type": "step", "step_size": 2, "gamma": 0.5}) == pytest.approx(
+        [0.1, 0.1, 0.05, 0.05, 0.025, 0.025])
+    expected = [0.01 + (0.1 - 0.01) * (1 + math.cos(math.pi * e / 6)) / 2 for e in range(6)]
+    assert lrs(scheduler={"type": "cosine", "min_lr": 0.01}) == pytest.approx(expected)
+
+
+def test_one_cycle_steps_every_batch():
+    # 400 rows, 20% held out, batches of 32: 10 batches an epoch. An epoch reports the rate of its first batch.
+    spec = make_spec(epochs=4, optimizer={"type": "sgd", "lr": 0.1}, scheduler={"type": "one_cycle", "pct_start": 0.25})
+    reference = torch.optim.lr_scheduler.OneCycleLR(
+        torch.optim.SGD(torch.nn.Linear(1, 1).parameters(), lr=0.1), max_lr=0.1, total_steps=40, pct_start=0.25,
+        cycle_momentum=False,
+    )
+    expected = []
+    for step in range(40):
+        if step % 10 == 0:
+            expected.append(reference.get_last_lr()[0])
+        reference.optimizer.step()
+        reference.step()
+    assert [m.lr for m in fit(*prepare(spec), spec).history] == pytest.approx(expected)
+    assert expected[0] == pytest.approx(0.1 / 25)
+
+
+def test_plateau_halves_the_rate_when_validation_stalls():
+    rates = lrs(optimizer={"type": "sgd", "lr": 0.5}, epochs=10,
+                scheduler={"type": "plateau", "factor": 0.5, "patience": 0, "threshold": 0.5})
+    # A relative threshold of 50%: hardly any epoch counts as an improvement, so the rate keeps halving.
+    assert rates[0] == 0.5 and rates[-1] < 0.5 and all(b in (a, a / 2) for a, b in zip(rates, rates[1:], strict=False))
+
+
+def test_fit_refuses_a_validation_watcher_without_validation_rows():
+    spec = make_spec(early_stopping={})
+    model, data = prepare(spec)
+    with pytest.raises(ValueError, match="validation split"):
+        fit(model, data.__class__(data.x_train, data.y_train, None, None, data.task), spec)
+
+
+# --- early stopping -----------------------------------------------------------------------------------
+
+
+def test_early_stopping_stops_and_restores_the_best_weights():
+    spec = make_spec(epochs=40, optimizer={"type": "adam", "lr": 0.05},
+                     early_stopping={"patience": 3, "min_delta": 0.001})
+    model, data = prepare(spec)
+    weights = {}
+
+    class Keep:
+        def on_epoch_end(self, metrics, state):
+            weights[metrics.epoch] = copy.deepcopy(state.model.state_dict())
+
+    result = fit(model, data, spec, callbacks=[Keep()])
+    losses = [m.val_loss for m in result.history]
+    best = 1 + min(range(len(losses)), key=losses.__getitem__)
+    assert len(result.history) == best + 3 < 40
+    assert result.stopped == (f"early_stopping: val_loss did not improve by more than 0.001 for 3 epochs; "
+                              f"restored the weights of epoch {best}")
+    assert all(torch.equal(a, b) for a, b in zip(weights[best].values(), model.state_dict().values(), strict=True))
+
+    kept = make_spec(epochs=40, optimizer={"type": "adam", "lr": 0.05},
+                     early_stopping={"patience": 3, "min_delta": 0.001, "restore_best": False})
+    model, data = prepare(kept)
+    last = fit(model, data, kept)
+    assert last.stopped.endswith(f"kept the weights of epoch {best + 3} (the best was epoch {best})")
+
+
+def test_a_checkpoint_taken_as_early_stopping_fired_resumes_to_the_same_end():
+    spec = make_spec(epochs=40, optimizer={"type": "adam", "lr": 0.05}, early_stopping={"patience": 2})
+    states = []
+
+    class Keep:
+        def on_epoch_end(self, metrics, state):
+            states.append(copy.deepcopy(state.state_dict()))
+
+    model, data = prepare(spec)
+    whole = fit(model, data, spec, callbacks=[Keep()])
+    resumed, data = prepare(spec)
+    again = fit(resumed, data, spec, resume=states[-1])  # the process died before saving the weights
+    assert again.history == [] and again.stopped == whole.stopped
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), resumed.state_dict().values(), strict=True))
+
+
+# --- metrics: gradient norms, accuracy, R² -------------------------------------------------------------
+
+
+def test_grad_norms_match_a_hand_computation():
+    spec = make_spec(epochs=1, batch_size=100, optimizer={"type": "sgd", "lr": 0.1},
+                     model={"type": "mlp", "hidden": [8, 4]})  # 320 training rows: batches of 100, 100, 100, 20
+    model, data = prepare(spec)
+    hand = copy.deepcopy(model)
+    metrics = fit(model, data, spec).history[0]
+
+    optimizer = torch.optim.SGD(hand.parameters(), lr=0.1)
+    order = torch.randperm(320, generator=torch.Generator().manual_seed(spec.seed * 1_000_003 + 1))
+    totals, per_layer = [], []
+    for i in range(4):
+        idx = order[i * 100 : (i + 1) * 100]
+        optimizer.zero_grad()
+        torch.nn.functional.binary_cross_entropy_with_logits(hand(data.x_train[idx]), data.y_train[idx]).backward()
+        per_layer.append({name: p.grad.norm().item() for name, p in hand.named_parameters()})
+        totals.append(math.sqrt(sum(p.grad.pow(2).sum().item() for p in hand.parameters())))
+        optimizer.step()
+    assert metrics.grad_norm == pytest.approx(sum(totals) / 4, rel=1e-5)
+    assert metrics.grad_norm_per_layer.keys() == {"0.weight", "0.bias", "2.weight", "2.bias", "4.weight", "4.bias"}
+    for name, norm in metrics.grad_norm_per_layer.items():
+        assert norm == pytest.approx(sum(b[name] for b in per_layer) / 4, rel=1e-5), name
+
+
+def test_grad_clip_bounds_the_step():
+    spec = make_spec(epochs=1, batch_size=1000, optimizer={"type": "sgd", "lr": 1.0}, grad_clip=0.001)
+    model, data = prepare(spec)
+    before = [p.detach().clone() for p in model.parameters()]
+    metrics = fit(model, data, spec).history[0]
+    step = math.sqrt(sum((p.detach() - b).pow(2).sum().item() for p, b in zip(model.parameters(), before, strict=True)))
+    assert metrics.grad_norm > 0.01  # reported before clipping
+    assert step == pytest.approx(0.001, rel=1e-4)  # one full batch, lr 1: the step is the clipped gradient
+
+
+def test_grad_norms_are_zero_for_parameters_without_gradients():
+    used, unused = torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.ones(2))
+    (used * 2).sum().backward()
+    assert grad_norms([used, unused]).tolist() == pytest.approx([2 * math.sqrt(3), 0.0])
+
+
+def test_r2_matches_sklearn_and_accuracy_is_for_classifiers():
+    spec = make_spec(data={"dataset": "diabetes"}, epochs=5, model={"type": "mlp", "hidden": [16]})
+    model, data = prepare(spec)
+    last = fit(model, data, spec).history[-1]
+    model.eval()
+    with torch.no_grad():
+        predicted = model(data.x_val).numpy()
+    assert last.val_r2 == pytest.approx(r2_score(data.y_val.numpy(), predicted), abs=1e-5)
+    assert 0.2 < last.val_r2 < 1 and last.val_accuracy is None and last.train_accuracy is None
+
+    spec = make_spec(epochs=2)
+    first = fit(*prepare(spec), spec).history[0]
+    assert 0.5 < first.train_accuracy <= 1 and first.val_r2 is None
+
+
+# --- the learning-rate range test ---------------------------------------------------------------------
+
+
+def test_lr_range_test_is_deterministic_and_leaves_no_trace():
+    spec = make_spec(optimizer={"type": "adam", "lr": "auto"}, model={"type": "mlp", "hidden": [16], "dropout": 0.2})
+    model, data = prepare(spec)
+    weights = copy.deepcopy(model.state_dict())
+    rng = torch.get_rng_state()
+    chosen, sweep = lr_range_test(model, data, spec)
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert all(torch.equal(a, b) for a, b in zip(weights.values(), model.state_dict().values(), strict=True))
+    assert (chosen, sweep) == lr_range_test(*prepare(spec), spec)
+
+    rates = [rate for rate, _ in sweep]
+    assert rates[0] == pytest.approx(LR_SWEEP[0]) and rates == sorted(rates) and len(sweep) > 20
+    assert all(math.isfinite(loss) for _, loss in sweep)
+    lowest = min(sweep, key=lambda point: point[1])[0]
+    assert chosen == pytest.approx(lowest / 10)
+    assert 1e-4 < chosen < 1
+
+
+def test_fit_with_lr_auto_records_the_sweep_and_trains_with_the_choice():
+    spec = make_spec(optimizer={"type": "sgd", "lr": "auto", "momentum": 0.9}, epochs=8)
+    result = fit(*prepare(spec), spec)
+    assert result.lr_search["lr"] == result.history[0].lr
+    assert json.loads(json.dumps(result.lr_search)) == result.lr_search  # recordable as it is
+    assert result.history[-1].val_accuracy > 0.85

@@ -1,0 +1,1 @@
+"""Benchmarks: each prints kiln's numbers beside a baseline measured in the same run."""

@@ -19,6 +19,10 @@ class EpochMetrics(BaseModel):
     lr: float
     duration_s: float
     samples_per_s: float
+    grad_norm: float | None  # L2 norm of all gradients, averaged over the epoch's batches
+    grad_norm_per_layer: dict[str, float] | None  # which weights took the blame
+    train_accuracy: float | None
+    val_r2: float | None  # regression only
 
 
 class JobOut(BaseModel):
@@ -36,6 +40,8 @@ class JobOut(BaseModel):
     cancel_requested: bool
     latest_metrics: EpochMetrics | None
     error: str | None
+    stop_reason: str | None  # why a succeeded job stopped before its last epoch (early stopping)
+    lr_search: dict[str, Any] | None  # optimizer.lr "auto": {"lr": chosen, "sweep": [[lr, loss], ...]}
 
     @classmethod
     def of(cls, job: Job, latest: EpochMetric | None) -> "JobOut":
@@ -46,7 +52,7 @@ class JobOut(BaseModel):
             worker=job.worker,
             cancel_requested=job.cancel_requested,
             latest_metrics=EpochMetrics.model_validate(latest) if latest else None,
-            error=job.error,
+            error=job.error, stop_reason=job.stop_reason, lr_search=job.lr_search,
         )
 
 

@@ -7,6 +7,7 @@ import uuid
 from pathlib import Path
 
 WEIGHTS = "weights.safetensors"
+ENCODER = "encoder.safetensors"  # an autoencoder's encoder, downloadable on its own
 
 
 def parse_job_id(value: str) -> str:
@@ -22,7 +23,7 @@ class ArtifactStore:
         return self.root / "jobs" / parse_job_id(job_id)
 
     def path(self, job_id: str, name: str) -> Path:
-        if name not in {WEIGHTS}:
+        if name not in {WEIGHTS, ENCODER}:
             raise ValueError(f"unknown artifact {name!r}")
         return self.job_dir(job_id) / name
 
@@ -32,9 +33,9 @@ class ArtifactStore:
     def checkpoint_path(self, job_id: str, epoch: int) -> Path:
         return self.checkpoint_dir(job_id) / f"epoch-{int(epoch):06d}.safetensors"
 
-    def open_weights(self, job_id: str) -> Path | None:
-        """The weights file if present as a regular file inside the store (no symlinks followed out)."""
-        path = self.path(job_id, WEIGHTS)
+    def open_artifact(self, job_id: str, name: str) -> Path | None:
+        """The file if present as a regular file inside the store (no symlinks followed out)."""
+        path = self.path(job_id, name)
         try:
             real = path.resolve(strict=True)
         except FileNotFoundError:

@@ -60,6 +60,10 @@ class Job(Base):
     cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
 
     error: Mapped[str | None] = mapped_column(Text)
+    # Why a job that succeeded stopped before its last epoch (early stopping), as a sentence.
+    stop_reason: Mapped[str | None] = mapped_column(Text)
+    # With optimizer.lr "auto": {"lr": chosen rate, "sweep": [[lr, loss], ...]}.
+    lr_search: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     weights_sha256: Mapped[str | None] = mapped_column(String(64))
 
 
@@ -77,6 +81,10 @@ class EpochMetric(Base):
     lr: Mapped[float] = mapped_column(Float)
     duration_s: Mapped[float] = mapped_column(Float)
     samples_per_s: Mapped[float] = mapped_column(Float)
+    grad_norm: Mapped[float | None] = mapped_column(Float)
+    grad_norm_per_layer: Mapped[dict[str, float] | None] = mapped_column(JSON)
+    train_accuracy: Mapped[float | None] = mapped_column(Float)
+    val_r2: Mapped[float | None] = mapped_column(Float)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
 
 

@@ -234,3 +234,43 @@ def test_time_limit_over_the_server_cap_is_refused(client):
     assert response.json()["error"]["details"][0]["field"] == "body.time_limit_s"
     default = client.post("/v1/jobs", json={**DIGITS, "epochs": 1}).json()
     assert default["spec"]["time_limit_s"] == 24 * 3600, "the server default is filled in"
+
+
+def test_model_zoo_through_the_service(stack, client, tmp_path):
+    specs = {
+        "cnn": {"data": {"dataset": "digits"}, "epochs": 2,
+                "model": {"type": "cnn", "dims": 2, "channels": [8], "kernel_size": 3, "hidden": [32]}},
+        "gru": {"data": {"dataset": "sine", "samples": 300}, "epochs": 2,
+                "model": {"type": "rnn", "cell": "gru", "hidden_size": 16}},
+        "early": {"data": {"dataset": "moons", "samples": 300}, "epochs": 200,
+                  "optimizer": {"type": "adam", "lr": 0.05},
+                  "early_stopping": {"patience": 3, "min_delta": 0.01, "restore_best": True}},
+        "auto": {"data": {"dataset": "iris"}, "epochs": 3, "optimizer": {"type": "adamw", "lr": "auto"},
+                 "scheduler": {"type": "cosine"}},
+        "autoencoder": {"data": {"dataset": "wine"}, "epochs": 3, "loss": "mse",
+                        "model": {"type": "autoencoder", "encoder": [8], "latent": 2}},
+    }
+    ids = {name: client.post("/v1/jobs", json=spec).json()["id"] for name, spec in specs.items()}
+    jobs = {name: stack.wait_for_job(client, i, lambda j: j["status"] in {"succeeded", "failed"})
+            for name, i in ids.items()}
+    assert {name: j["status"] for name, j in jobs.items()} == dict.fromkeys(specs, "succeeded"), jobs
+
+    last = jobs["cnn"]["latest_metrics"]
+    assert last["grad_norm"] > 0 and set(last["grad_norm_per_layer"]) and last["train_accuracy"] is not None
+    assert jobs["early"]["epochs_completed"] < 200
+    assert jobs["early"]["stop_reason"].startswith("val_loss did not improve")
+    history = client.get(f"/v1/jobs/{ids['early']}/history").json()["events"]
+    assert "stopped early" in history[-1]["message"]
+    search = jobs["auto"]["lr_search"]
+    first_epoch = client.get(f"/v1/jobs/{ids['auto']}/metrics").json()["epochs"][0]
+    assert first_epoch["lr"] == pytest.approx(search["lr"]), "training started at the chosen rate"
+    assert len(search["sweep"]) > 5
+
+    encoder = client.get(f"/v1/jobs/{ids['autoencoder']}/weights", params={"part": "encoder"})
+    assert encoder.status_code == 200 and "encoder.safetensors" in encoder.headers["content-disposition"]
+    path = tmp_path / "encoder.safetensors"
+    path.write_bytes(encoder.content)
+    model, meta = load_weights(path)
+    codes = predict(model, meta, np.random.default_rng(0).normal(size=(4, 13)).astype(np.float32))
+    assert codes.shape == (4, 2)
+    assert client.get(f"/v1/jobs/{ids['cnn']}/weights", params={"part": "encoder"}).status_code == 409

@@ -20,19 +20,17 @@ import torch
 from sqlalchemy import delete, func, literal, or_, update
 from sqlalchemy.exc import OperationalError
 
-from kiln.catalog import BUILTIN_DATASETS
 from kiln.db import UTCDateTime, session_scope, utcnow
 from kiln.dispatch import publish_job
 from kiln.history import record
 from kiln.settings import Settings, get_settings
 from kiln.spec import JobSpec
-from kiln.storage import WEIGHTS, ArtifactStore
+from kiln.storage import ENCODER, WEIGHTS, ArtifactStore
 from kiln.tables import EpochMetric, Job, JobStatus
-from models import build_model
-from models.weights import save_weights
+from models.weights import encoder_weights, save_weights
 from worker.checkpoint import CheckpointError, load_checkpoint, save_checkpoint, spec_hash
-from worker.datasets import load_dataset, split_dataset
-from worker.training import DivergedError, EpochMetrics, LoopState, TrainData, fit, output_size
+from worker.preparation import prepare
+from worker.training import DivergedError, EpochMetrics, LoopState, fit
 
 log = logging.getLogger("kiln.worker")
 
@@ -201,7 +199,9 @@ class EpochRecorder:
                 EpochMetric(
                     job_id=self.claim.job_id, epoch=m.epoch, attempt=self.claim.attempt, train_loss=m.train_loss,
                     val_loss=m.val_loss, val_accuracy=m.val_accuracy, lr=m.lr, duration_s=m.duration_s,
-                    samples_per_s=m.samples_per_s, created_at=utcnow(),
+                    samples_per_s=m.samples_per_s, grad_norm=m.grad_norm,
+                    grad_norm_per_layer=m.grad_norm_per_layer or None, train_accuracy=m.train_accuracy,
+                    val_r2=m.val_r2, created_at=utcnow(),
                 )
             )
 
@@ -250,12 +250,7 @@ def _train(claim: Claim, lease: Lease, settings: Settings) -> JobStatus:
     spec = claim.spec
     store = ArtifactStore(settings.artifacts_path)
     store.checkpoint_dir(claim.job_id).mkdir(parents=True, exist_ok=True)
-    info = BUILTIN_DATASETS[spec.data.dataset]
-    x, y = load_dataset(spec.data, spec.seed)
-    split = split_dataset(x, y, info.task, spec.data.val_fraction, spec.seed)
-    torch.manual_seed(spec.seed)
-    model = build_model(spec.model, x.shape[1], output_size(info.task, info.classes, spec.loss))
-    data = TrainData.from_split(split, info.task, spec.loss, torch.device("cpu"))
+    job = prepare(spec, torch.device("cpu"))
     resume = None
     if claim.resume_epoch:
         try:
@@ -265,7 +260,7 @@ def _train(claim: Claim, lease: Lease, settings: Settings) -> JobStatus:
 
     recorder = EpochRecorder(claim, store, settings)
     try:
-        result = fit(model, data, spec, callbacks=[recorder], should_stop=lease.should_stop, resume=resume)
+        result = fit(job.model, job.data, spec, callbacks=[recorder], should_stop=lease.should_stop, resume=resume)
     except DivergedError as exc:
         _finish(claim, JobStatus.failed, str(exc), exc.epoch, finished_at=utcnow(), error=str(exc))
         return JobStatus.failed
@@ -291,22 +286,12 @@ def _train(claim: Claim, lease: Lease, settings: Settings) -> JobStatus:
             publish_job(claim.job_id)  # if the broker is unreachable, the reconciler publishes it later
             return JobStatus.queued
 
-    meta = {
-        "format": "kiln.weights/1",
-        "model": spec.model.model_dump(mode="json"),
-        "in_features": int(x.shape[1]),
-        "out_features": output_size(info.task, info.classes, spec.loss),
-        "task": info.task.value,
-        "loss": spec.loss,
-        "classes": info.classes,
-        "input_mean": split.input_mean.tolist(),
-        "input_std": split.input_std.tolist(),
-        "target_mean": split.target_mean,
-        "target_std": split.target_std,
-        "spec": spec.model_dump(mode="json"),
-        "job_id": claim.job_id,
-    }
-    sha256 = save_weights(store.path(claim.job_id, WEIGHTS), model, meta)
-    _finish(claim, JobStatus.succeeded, f"succeeded after {done} epochs", done, finished_at=utcnow(),
-            weights_sha256=sha256)
+    meta = job.meta | {"job_id": claim.job_id}
+    sha256 = save_weights(store.path(claim.job_id, WEIGHTS), job.model, meta)
+    if spec.model.type == "autoencoder":  # the encoder alone is what embeds new rows
+        save_weights(store.path(claim.job_id, ENCODER), *encoder_weights(job.model, meta))
+    early = result.stopped.removeprefix("early_stopping: ") if result.stopped else None
+    message = f"succeeded after {done} epochs" + (f"; stopped early: {early}" if early else "")
+    _finish(claim, JobStatus.succeeded, message, done, finished_at=utcnow(), weights_sha256=sha256,
+            stop_reason=early, lr_search=result.lr_search)
     return JobStatus.succeeded

@@ -1,7 +1,7 @@
 """/v1/jobs: routes only parse, call a service and shape the response."""
 
 import base64
-from typing import Annotated
+from typing import Annotated, Literal
 
 from fastapi import APIRouter, Header, Query, Request, Response, status
 from fastapi.responses import FileResponse
@@ -76,15 +76,19 @@ def job_history(job_id: str, session: SessionDep, owner: OwnerDep) -> JobHistory
     response_class=FileResponse,
     responses={200: {"content": {"application/octet-stream": {}}, "description": "safetensors file"}},
 )
-def job_weights(job_id: str, request: Request, session: SessionDep, owner: OwnerDep) -> FileResponse:
-    job, path = service.weights_path(session, request.app.state.store, owner, job_id)
-    digest_b64 = base64.b64encode(bytes.fromhex(job.weights_sha256)).decode()
+def job_weights(
+    job_id: str, request: Request, session: SessionDep, owner: OwnerDep,
+    part: Annotated[Literal["model", "encoder"], Query(description="`encoder`: an autoencoder's encoder")] = "model",
+) -> FileResponse:
+    job, path, sha256 = service.weights_file(session, request.app.state.store, owner, job_id, part)
+    digest_b64 = base64.b64encode(bytes.fromhex(sha256)).decode()
+    suffix = "-encoder" if part == "encoder" else ""
     return FileResponse(
         path,
         media_type="application/octet-stream",
-        filename=f"{job.name or job.id}.safetensors",
+        filename=f"{job.name or job.id}{suffix}.safetensors",
         headers={
-            "ETag": f'"{job.weights_sha256}"',
+            "ETag": f'"{sha256}"',
             "Digest": f"sha-256={digest_b64}",
             "Repr-Digest": f"sha-256=:{digest_b64}:",
         },

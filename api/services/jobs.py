@@ -2,6 +2,7 @@
 
 import base64
 import binascii
+import hashlib
 import json
 import logging
 import uuid
@@ -20,7 +21,7 @@ from kiln.dispatch import publish_job
 from kiln.history import record
 from kiln.settings import get_settings
 from kiln.spec import JobSpec
-from kiln.storage import ArtifactStore
+from kiln.storage import ENCODER, WEIGHTS, ArtifactStore
 from kiln.tables import EpochMetric, Job, JobEvent, JobStatus
 
 log = logging.getLogger("kiln.api.jobs")
@@ -168,11 +169,15 @@ def job_history(session: Session, owner: str, job_id: str) -> list[JobEvent]:
     return list(session.scalars(select(JobEvent).where(JobEvent.job_id == job_id).order_by(JobEvent.id)))
 
 
-def weights_path(session: Session, store: ArtifactStore, owner: str, job_id: str) -> tuple[Job, Path]:
+def weights_file(session: Session, store: ArtifactStore, owner: str, job_id: str, part: str) -> tuple[Job, Path, str]:
+    """The job's weights (part "model") or its autoencoder's encoder (part "encoder"), with the sha256."""
     job = get_job(session, owner, job_id)
     if job.status != JobStatus.succeeded:
         raise Conflict(f"Job {job_id} is {job.status.value}; weights can be downloaded once it has succeeded.")
-    path = store.open_weights(job.id)
+    if part == "encoder" and job.spec["model"]["type"] != "autoencoder":
+        raise Conflict(f"Job {job_id} trained a {job.spec['model']['type']}; only an autoencoder has an encoder.")
+    path = store.open_artifact(job.id, ENCODER if part == "encoder" else WEIGHTS)
     if path is None or job.weights_sha256 is None:
         raise NotFound(f"The weights of job {job_id} are missing from the artifact store.")
-    return job, path
+    sha256 = job.weights_sha256 if part == "model" else hashlib.sha256(path.read_bytes()).hexdigest()
+    return job, path, sha256

@@ -1,9 +1,9 @@
 """Response bodies of the public API (see API.md)."""
 
 from datetime import datetime
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from kiln.tables import EpochMetric, Job, JobStatus
 
@@ -81,6 +81,28 @@ class JobEventOut(BaseModel):
 class JobHistory(BaseModel):
     job_id: str
     events: list[JobEventOut]
+
+
+class PredictRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    # Raw rows, as the dataset's features (standardisation is applied by kiln); at most 1024 rows.
+    inputs: list[list[Annotated[float, Field(allow_inf_nan=False)]]] = Field(min_length=1, max_length=1024)
+
+    @field_validator("inputs")
+    @classmethod
+    def _rectangular(cls, rows: list[list[float]]) -> list[list[float]]:
+        if len({len(row) for row in rows}) != 1 or not 0 < len(rows[0]) <= 65_536:
+            raise ValueError("every row must have the same number of values (between 1 and 65536)")
+        return rows
+
+
+class Predictions(BaseModel):
+    job_id: str
+    # Class indices (classification, binary), values in target units (regression), reconstructed rows
+    # (autoencoder).
+    predictions: list[Any]
+    probabilities: list[list[float]] | None  # per class, for classification and binary tasks
 
 
 class ErrorBody(BaseModel):

@@ -15,6 +15,7 @@ import httpx
 import yaml
 
 from kiln.client import Client, KilnError
+from kiln.dispatch import predict_queue
 from kiln.embedded import EmbeddedRedis, wait_until
 from kiln.settings import get_settings
 
@@ -103,6 +104,12 @@ def up(host: str, port: int, data_dir: Path | None, concurrency: int) -> None:
         children.append(
             subprocess.Popen(worker_command(concurrency, settings.queue), env=env, start_new_session=True)
         )
+        children.append(  # predictions have their own process, so long training never delays them
+            subprocess.Popen(
+                worker_command(1, predict_queue(settings), f"predict-{os.getpid()}@{socket.gethostname()}"),
+                env=env, start_new_session=True,
+            )
+        )
         children.append(
             subprocess.Popen(
                 [sys.executable, "-m", "uvicorn", "api.app:create_app", "--factory", "--host", host,
@@ -149,19 +156,23 @@ def _wait_ready(url: str, children: list[subprocess.Popen]) -> None:
             return False
         from kiln.dispatch import producer
 
-        return api_ok and bool(producer().control.ping(timeout=0.5))
+        return api_ok and len(producer().control.ping(timeout=0.5)) >= 2  # the trainer and the predictor
 
     wait_until(ready, timeout=120, interval=0.25, what="the API and the worker")
 
 
 @main.command()
-@click.option("--concurrency", "-c", default=1, show_default=True, type=int, help="Training processes.")
-@click.option("--queue", "-Q", default=None, help="Queue to consume (default: KILN_QUEUE).")
-def worker(concurrency: int, queue: str | None) -> None:
-    """Run a training worker against KILN_BROKER_URL and KILN_DATABASE_URL."""
+@click.option("--concurrency", "-c", default=1, show_default=True, type=int, help="Worker processes.")
+@click.option("--role", type=click.Choice(["train", "predict"]), default="train", show_default=True,
+              help="train: run training jobs; predict: answer /predict requests from trained weights.")
+@click.option("--queue", "-Q", default=None, help="Queue to consume (default: from KILN_QUEUE and the role).")
+def worker(concurrency: int, role: str, queue: str | None) -> None:
+    """Run a worker against KILN_BROKER_URL and KILN_DATABASE_URL."""
     os.environ["KILN_WORKER_CONCURRENCY"] = str(concurrency)
     get_settings.cache_clear()
-    os.execv(sys.executable, worker_command(concurrency, queue or get_settings().queue))
+    settings = get_settings()
+    default_queue = settings.queue if role == "train" else predict_queue(settings)
+    os.execv(sys.executable, worker_command(concurrency, queue or default_queue))
 
 
 @main.command()

@@ -20,6 +20,12 @@ from kiln.tables import Job
 log = logging.getLogger("kiln.dispatch")
 
 TRAIN_TASK = "kiln.train"
+PREDICT_TASK = "kiln.predict"
+
+
+def predict_queue(settings: Settings) -> str:
+    """Predictions have a queue of their own, so hours of training never stand in front of them."""
+    return f"{settings.queue}.predict"
 
 
 def make_celery(settings: Settings) -> Celery:
@@ -34,8 +40,12 @@ def make_celery(settings: Settings) -> Celery:
         accept_content=["json"],
         result_serializer="json",
         event_serializer="json",
-        # The database holds job state; Celery's result backend is not used.
+        # The database holds job state; results are kept only for predictions (a request and its reply),
+        # in Redis, for minutes.
         task_ignore_result=True,
+        result_backend=settings.broker_url,
+        result_expires=600,
+        result_accept_content=["json"],
         # Long tasks: acknowledge after the run, so a worker that dies leaves the message for another;
         # the database claim makes a second delivery harmless.
         task_acks_late=True,
@@ -116,3 +126,16 @@ def job_ids_in_broker(settings: Settings, limit: int = 100_000) -> set[str] | No
         except (KeyError, ValueError, TypeError, IndexError):
             continue
     return ids
+
+
+def request_predictions(job_id: str, inputs: list[list[float]], timeout: float) -> dict:
+    """Ask a predictor worker for predictions; raises TimeoutError when none answers in time."""
+    settings = get_settings()
+    reply = producer().send_task(PREDICT_TASK, args=[job_id, inputs], queue=predict_queue(settings))
+    try:
+        return reply.get(timeout=timeout)
+    except Exception as exc:  # celery.exceptions.TimeoutError, or the backend unreachable
+        reply.revoke()  # a late predictor skips it instead of computing an answer nobody reads
+        raise TimeoutError(str(exc) or "no answer") from exc
+    finally:
+        reply.forget()

@@ -52,6 +52,9 @@ class Settings(BaseSettings):
     # Worker processes per `kiln worker`; torch threads per process are the cores divided by this.
     worker_concurrency: int = Field(default=1, ge=1, le=256)
 
+    # How long the API waits for a predictor worker's answer before a 503.
+    predict_timeout_s: float = Field(default=10.0, gt=0, le=300)
+
     # Largest request body the API reads.
     max_body_bytes: int = Field(default=1 << 20, ge=1024)
 

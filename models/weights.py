@@ -124,6 +124,11 @@ def predict(model: nn.Module, meta: dict, x_raw: np.ndarray) -> np.ndarray:
     class indices (int64) for classification and binary tasks; values (float32, in target units) for
     regression; reconstructed rows (float32, flat, in input units) for reconstruction; latent codes
     (float32, (n, latent)) for an embedding."""
+    return predict_with_probabilities(model, meta, x_raw)[0]
+
+
+def predict_with_probabilities(model: nn.Module, meta: dict, x_raw: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+    """predict(), and for classification and binary tasks each row's class probabilities (n, classes)."""
     x_raw = np.asarray(x_raw, dtype=np.float32)
     features = meta["in_features"]
     shapes = {(features,), tuple(meta.get("input_shape") or [features])}
@@ -138,19 +143,21 @@ def predict(model: nn.Module, meta: dict, x_raw: np.ndarray) -> np.ndarray:
     model.eval()  # dropout off; the caller's mode is restored below
     try:
         with torch.no_grad():
-            out = model(x).cpu().numpy()
+            logits = model(x).cpu()
     finally:
         model.train(was_training)
+    out = logits.numpy()
 
     if meta["task"] == EMBEDDING:
-        return out.astype(np.float32)
+        return out.astype(np.float32), None
     if meta["task"] == Task.reconstruction:
-        return (out * std + mean).astype(np.float32)
+        return (out * std + mean).astype(np.float32), None
     if meta["task"] == Task.regression:
         y = out[:, 0]
         if meta.get("target_mean") is not None:
             y = y * meta["target_std"] + meta["target_mean"]
-        return y.astype(np.float32)
+        return y.astype(np.float32), None
     if meta["loss"] == "bce":  # one logit: positive means class 1
-        return (out[:, 0] > 0).astype(np.int64)
-    return out.argmax(axis=1).astype(np.int64)
+        p1 = torch.sigmoid(logits[:, 0]).numpy()
+        return (out[:, 0] > 0).astype(np.int64), np.stack([1 - p1, p1], axis=1)
+    return out.argmax(axis=1).astype(np.int64), torch.softmax(logits, dim=1).numpy()

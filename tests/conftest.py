@@ -21,7 +21,7 @@ import redis
 from sqlalchemy import create_engine, make_url, text
 
 from kiln.cli import worker_command
-from kiln.dispatch import make_celery
+from kiln.dispatch import make_celery, predict_queue
 from kiln.embedded import EmbeddedRedis, free_port, wait_until
 from kiln.migrate import upgrade
 from kiln.settings import Settings
@@ -145,11 +145,15 @@ def stack(request, tmp_path_factory, database_url: str, broker_url: str) -> Iter
     hostname = f"test-{uuid.uuid4().hex[:6]}@{os.uname().nodename}"
     stack = Stack(url=f"http://127.0.0.1:{port}", api_key=api_key, env=env, settings=settings, logs=logs)
     stack.processes["worker"] = start_process(worker_command(1, settings.queue, hostname), env, logs / "worker.log")
+    stack.processes["predictor"] = start_process(
+        worker_command(1, predict_queue(settings), f"predict-{hostname}"), env, logs / "predictor.log"
+    )
     stack.processes["api"] = start_process(api_command(port), env, logs / "api.log")
     celery = make_celery(settings)
     try:
         wait_until(lambda: _api_ready(stack), timeout=60, interval=0.1, what="the API server")
-        wait_until(lambda: celery.control.ping([hostname], timeout=0.5), timeout=60, what="the worker")
+        for name in (hostname, f"predict-{hostname}"):
+            wait_until(lambda n=name: celery.control.ping([n], timeout=0.5), timeout=60, what=f"worker {name}")
         yield stack
     finally:
         for process in stack.processes.values():

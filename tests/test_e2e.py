@@ -274,3 +274,40 @@ def test_model_zoo_through_the_service(stack, client, tmp_path):
     codes = predict(model, meta, np.random.default_rng(0).normal(size=(4, 13)).astype(np.float32))
     assert codes.shape == (4, 2)
     assert client.get(f"/v1/jobs/{ids['cnn']}/weights", params={"part": "encoder"}).status_code == 409
+
+
+def test_predict_from_trained_weights(stack, client):
+    job = client.post("/v1/jobs", json={**DIGITS, "epochs": 10}).json()
+    premature = client.post(f"/v1/jobs/{job['id']}/predict", json={"inputs": [[0.0] * 64]})
+    assert premature.status_code == 409
+    job = stack.wait_for_job(client, job["id"], lambda j: j["status"] == "succeeded")
+
+    spec = JobSpec.model_validate(job["spec"])
+    x, y = load_dataset(spec.data, spec.seed)
+    split = split_dataset(x, y, BUILTIN_DATASETS["digits"].task, spec.data.val_fraction, spec.seed)
+    raw = (split.x_val[:50] * split.input_std + split.input_mean).tolist()  # raw rows, as a user has them
+    response = client.post(f"/v1/jobs/{job['id']}/predict", json={"inputs": raw})
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert len(body["predictions"]) == 50 and len(body["probabilities"][0]) == 10
+    assert all(abs(sum(p) - 1) < 1e-4 for p in body["probabilities"])
+    assert body["predictions"] == [int(np.argmax(p)) for p in body["probabilities"]]
+    assert np.mean(np.array(body["predictions"]) == split.y_val[:50]) >= 0.9
+
+    for bad, field in [({"inputs": [[1.0] * 3]}, "body.inputs"), ({"inputs": []}, "body.inputs"),
+                       ({"inputs": [[1.0] * 64, [1.0]]}, "body.inputs"), ({"inputs": [[1.0] * 64] * 1025}, "body.inputs"),
+                       ({"rows": [[1.0]]}, "body.rows")]:
+        response = client.post(f"/v1/jobs/{job['id']}/predict", json=bad)
+        assert response.status_code == 422, (bad, response.text)
+        assert field in {d["field"] for d in response.json()["error"]["details"]}
+    wrong_width = client.post(f"/v1/jobs/{job['id']}/predict", json={"inputs": [[1.0] * 3]}).json()
+    assert "expected inputs of shape" in wrong_width["error"]["message"]
+
+
+def test_regression_predictions_are_in_target_units(stack, client):
+    job = client.post("/v1/jobs", json={"data": {"dataset": "diabetes"}, "epochs": 30}).json()
+    job = stack.wait_for_job(client, job["id"], lambda j: j["status"] == "succeeded")
+    x, y = load_dataset(JobSpec.model_validate(job["spec"]).data, 0)
+    body = client.post(f"/v1/jobs/{job['id']}/predict", json={"inputs": x[:20].tolist()}).json()
+    assert body["probabilities"] is None
+    assert 25 < float(np.mean(body["predictions"])) < 350, "diabetes targets, not standardised values"

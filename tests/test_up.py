@@ -56,7 +56,7 @@ def test_up_serves_trains_and_stops_cleanly(tmp_path):
             assert api.get(f"/v1/jobs/{job['id']}/weights").status_code == 200
             assert (state / "artifacts" / "jobs" / job["id"] / "weights.safetensors").exists()
         children = psutil.Process(process.pid).children(recursive=True)
-        assert len(children) >= 3, "broker, API and worker"
+        assert len(children) >= 4, "broker, API, trainer and predictor"
     finally:
         process.send_signal(signal.SIGINT)
         code = process.wait(60)

@@ -7,8 +7,9 @@ from fastapi import APIRouter, Header, Query, Request, Response, status
 from fastapi.responses import FileResponse
 
 from api.deps import OwnerDep, SessionDep
-from api.schemas import JobHistory, JobList, JobMetrics, JobOut
+from api.schemas import JobHistory, JobList, JobMetrics, JobOut, Predictions, PredictRequest
 from api.services import jobs as service
+from api.services import predict as predictions
 from kiln.spec import JobSpec
 from kiln.tables import JobStatus
 
@@ -63,6 +64,13 @@ def job_metrics(
 ) -> JobMetrics:
     rows = service.job_metrics(session, owner, job_id, since)
     return JobMetrics(job_id=job_id, epochs=rows)
+
+
+@router.post("/{job_id}/predict", response_model=Predictions)
+def predict(job_id: str, body: PredictRequest, session: SessionDep, owner: OwnerDep) -> Predictions:
+    """Predictions for up to 1024 raw input rows from a succeeded job's weights."""
+    answer = predictions.predict(session, owner, job_id, body.inputs)
+    return Predictions(job_id=job_id, **answer)
 
 
 @router.get("/{job_id}/history", response_model=JobHistory)

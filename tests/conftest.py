@@ -29,6 +29,17 @@ from kiln.settings import Settings
 ROOT = Path(__file__).resolve().parent.parent
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Small models train fastest on one thread, and far faster when another process busies a core."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def make_database(tmp_path_factory) -> Iterator[Callable[[], str]]:
     """A factory of fresh, empty databases: SQLite files, or throwaway PostgreSQL databases on the

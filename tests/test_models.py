@@ -24,6 +24,8 @@ from worker.datasets import load_arrays, load_dataset, split_dataset
 from worker.preparation import prepare
 from worker.training import fit, output_size
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 
 def mlp(**fields) -> MLPSpec:
     return MLPSpec.model_validate({"type": "mlp"} | fields)
@@ -199,15 +201,6 @@ def test_a_plain_safetensors_file_is_not_kiln_weights(tmp_path):
 
 
 # --- every model type ----------------------------------------------------------------------------------
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Models this small train fastest on one thread, and far faster when another process busies a core."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 # (model spec, one row's shape, output width): every type, and the options that change its parameter count

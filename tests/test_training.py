@@ -30,17 +30,10 @@ from worker.training import (
     output_size,
 )
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 SGD = {"type": "sgd", "lr": 0.05, "momentum": 0.9, "weight_decay": 1e-4}
 ADAM = {"type": "adam", "lr": 0.01}
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Models this small train fastest on one thread, and far faster when another process busies a core."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def make_spec(**fields) -> JobSpec:

@@ -135,11 +135,10 @@ def up(host: str, port: int, data_dir: Path | None, concurrency: int) -> None:
     except KeyboardInterrupt:
         click.echo("\nstopping kiln...")
     finally:
-        for child in reversed(children):
+        for child in reversed(children):  # the API first, then the workers (which hand their jobs back)
             child.terminate()
-        for child in children:
             try:
-                child.wait(30)
+                child.wait(60)
             except subprocess.TimeoutExpired:
                 child.kill()
         if broker:

@@ -5,6 +5,7 @@ argument, so it never imports torch or the task code. Redis carries ids, never j
 """
 
 import base64
+import contextlib
 import json
 import logging
 from functools import lru_cache
@@ -92,8 +93,11 @@ def publish_job(job_id: str) -> bool:
     except Exception as exc:
         log.warning("could not publish job %s (%s); left in the outbox", job_id, exc)
         return False
-    with session_scope() as session:
-        session.execute(update(Job).where(Job.id == job_id).values(published_at=utcnow()))
+    try:
+        with session_scope() as session:
+            session.execute(update(Job).where(Job.id == job_id).values(published_at=utcnow()))
+    except Exception as exc:  # published all the same; at worst the reconciler publishes it once more
+        log.warning("job %s published, but not marked so (%s)", job_id, exc)
     return True
 
 
@@ -109,12 +113,15 @@ def job_ids_in_broker(settings: Settings, limit: int = 100_000) -> set[str] | No
             if client.llen(settings.queue) > limit or client.hlen("unacked") > limit:
                 return None
             waiting = client.lrange(settings.queue, 0, -1)
-            delivered = [json.loads(raw)[0] for raw in client.hvals("unacked")]
-    except (redis.RedisError, ValueError, IndexError):
+            delivered = client.hvals("unacked")
+    except redis.RedisError:
         return None
     ids: set[str] = set()
-    for message in [json.loads(raw) for raw in waiting] + delivered:
+    for raw in waiting + delivered:
         try:
+            message = json.loads(raw)
+            if isinstance(message, list):  # an unacked entry: [message, exchange, routing key]
+                message = message[0]
             headers = message.get("headers") or {}
             if headers.get("task") != TRAIN_TASK:
                 continue
@@ -129,13 +136,18 @@ def job_ids_in_broker(settings: Settings, limit: int = 100_000) -> set[str] | No
 
 
 def request_predictions(job_id: str, inputs: list[list[float]], timeout: float) -> dict:
-    """Ask a predictor worker for predictions; raises TimeoutError when none answers in time."""
+    """Ask a predictor worker for predictions. Raises TimeoutError when the broker cannot be reached,
+    no predictor answers in time, or the predictor failed: each is "try again later" for the caller."""
     settings = get_settings()
-    reply = producer().send_task(PREDICT_TASK, args=[job_id, inputs], queue=predict_queue(settings))
     try:
-        return reply.get(timeout=timeout)
-    except Exception as exc:  # celery.exceptions.TimeoutError, or the backend unreachable
-        reply.revoke()  # a late predictor skips it instead of computing an answer nobody reads
+        # expires: a predictor started later skips a request nobody waits for any more.
+        reply = producer().send_task(PREDICT_TASK, args=[job_id, inputs], queue=predict_queue(settings),
+                                     expires=timeout, retry=False)
+        answer = reply.get(timeout=timeout, propagate=False)
+    except Exception as exc:  # broker or result backend unreachable, or no answer in time
         raise TimeoutError(str(exc) or "no answer") from exc
-    finally:
+    if reply.failed():
+        raise TimeoutError(f"the predictor failed: {type(answer).__name__}")
+    with contextlib.suppress(Exception):
         reply.forget()
+    return answer

@@ -63,14 +63,19 @@ def save_weights(path: str | os.PathLike, model: nn.Module, meta: dict) -> str:
         raise ValueError(f"weights metadata format must be {FORMAT!r}, not {meta['format']!r}")
     header = {"kiln": json.dumps(meta)}  # before touching the disk: unserialisable meta fails here
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    return atomic_save(path, tensors, header)
 
+
+def atomic_save(path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> str:
+    """Write a safetensors file so that readers see the old file or the complete new one, never a torn
+    write, and it survives a power cut; returns its sha256 hex digest."""
     path = Path(path)
-    # A temporary file in the same directory, so os.replace is an atomic rename: readers see either
-    # the old file or the complete new one, never a torn write.
+    # A uniquely named temp file in the same directory, so os.replace is an atomic rename and two
+    # writers of the same path (a superseded attempt and its successor) never share a temp file.
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
-        save_file(tensors, tmp, metadata=header)
+        save_file(tensors, tmp, metadata=metadata)
         digest = hashlib.sha256()
         with open(tmp, "rb") as f:
             for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -80,6 +85,11 @@ def save_weights(path: str | os.PathLike, model: nn.Module, meta: dict) -> str:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)  # and so is the rename
+    finally:
+        os.close(dir_fd)
     return digest.hexdigest()
 
 

@@ -8,13 +8,13 @@ Writes are atomic: a temp file in the same directory, fsync, rename, fsync of th
 
 import hashlib
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+
+from models.weights import atomic_save
 
 FORMAT = "kiln.checkpoint/1"
 
@@ -58,16 +58,7 @@ def save_checkpoint(path: Path, state: dict[str, Any], spec_digest: str) -> None
     tensors: dict[str, torch.Tensor] = {}
     skeleton = _flatten(state, "s", tensors)
     metadata = {"format": FORMAT, "spec_sha256": spec_digest, "state": json.dumps(skeleton)}
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file(tensors, tmp, metadata=metadata)
-    with tmp.open("rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)  # the rename itself must survive a power cut
-    finally:
-        os.close(dir_fd)
+    atomic_save(path, tensors, metadata)
 
 
 def load_checkpoint(path: Path, spec_digest: str) -> dict[str, Any]:

@@ -60,7 +60,7 @@ def cancel_job(job_id: str, session: SessionDep, owner: OwnerDep) -> JobOut:
 
 @router.get("/{job_id}/metrics", response_model=JobMetrics)
 def job_metrics(
-    job_id: str, session: SessionDep, owner: OwnerDep, since: Annotated[int, Query(ge=0)] = 0
+    job_id: str, session: SessionDep, owner: OwnerDep, since: Annotated[int, Query(ge=0, le=2**31 - 1)] = 0
 ) -> JobMetrics:
     rows = service.job_metrics(session, owner, job_id, since)
     return JobMetrics(job_id=job_id, epochs=rows)

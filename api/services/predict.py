@@ -24,7 +24,8 @@ def predict(session: Session, owner: str, job_id: str, inputs: list[list[float]]
         answer = request_predictions(job_id, inputs, timeout)
     except TimeoutError as exc:
         raise NoPredictor(
-            f"No predictor worker answered within {timeout:g} s; start one with `kiln worker --role predict`.",
+            f"No prediction within {timeout:g} s ({exc}); check that a predictor runs "
+            "(`kiln worker --role predict`) and try again.",
             headers={"Retry-After": "5"},
         ) from exc
     if "error" in answer:

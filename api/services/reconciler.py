@@ -8,14 +8,14 @@ import logging
 from dataclasses import dataclass
 from datetime import timedelta
 
-from sqlalchemy import select, update
+from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from kiln.db import utcnow
 from kiln.dispatch import job_ids_in_broker, publish_job
 from kiln.history import record
 from kiln.settings import Settings
-from kiln.tables import Job, JobStatus
+from kiln.tables import Job, JobEvent, JobStatus
 
 log = logging.getLogger("kiln.reconciler")
 BATCH = 500
@@ -43,15 +43,28 @@ def reconcile(session: Session, settings: Settings) -> Reconciled:
 def _expired_leases(session: Session, settings: Settings, done: Reconciled) -> None:
     now = utcnow()
     expired = session.execute(
-        select(Job.id, Job.attempt, Job.worker, Job.epochs_completed)
+        select(Job.id, Job.attempt, Job.worker, Job.epochs_completed, Job.cancel_requested)
         .where(Job.status == JobStatus.running, Job.lease_expires_at < now)
         .limit(BATCH)
     ).all()
-    for job_id, attempt, worker, epoch in expired:
+    for job_id, attempt, worker, epoch, cancel_requested in expired:
         still_expired = (Job.id == job_id) & (Job.status == JobStatus.running) & (Job.lease_expires_at < now)
         lost = f"worker {worker} lost during epoch {epoch + 1} (no heartbeat for {settings.lease_s:.0f} s)"
-        if attempt >= settings.max_attempts:
-            error = f"worker lost {attempt} times; giving up"
+        # Hand-backs (deploys, scale-downs) are not losses: only lost workers count towards giving up.
+        losses = 1 + session.scalar(
+            select(func.count()).select_from(JobEvent).where(JobEvent.job_id == job_id, JobEvent.kind == "worker_lost")
+        )
+        if cancel_requested:  # the user asked it to stop; do not train it again
+            changed = session.execute(
+                update(Job).where(still_expired).values(
+                    status=JobStatus.cancelled, finished_at=now, lease_token=None, lease_expires_at=None
+                )
+            ).rowcount
+            if changed:
+                record(session, job_id, "cancelled", f"{lost}; it had been asked to stop, so it is cancelled",
+                       attempt=attempt, worker=worker, epoch=epoch)
+        elif losses >= settings.max_attempts:
+            error = f"worker lost {losses} times; giving up"
             changed = session.execute(
                 update(Job).where(still_expired).values(
                     status=JobStatus.failed, error=error, finished_at=now, lease_token=None, lease_expires_at=None
@@ -106,4 +119,7 @@ def _outbox(session: Session, settings: Settings, done: Reconciled) -> None:
         .limit(BATCH)
     ).all()
     session.rollback()  # end the read transaction before publishing (SQLite: release the snapshot)
-    done.published += sum(publish_job(job_id) for job_id in stranded)
+    for job_id in stranded:
+        if not publish_job(job_id):
+            break  # the broker is down: the rest waits for the next round, not behind a timeout each
+        done.published += 1

@@ -10,7 +10,7 @@ from starlette.concurrency import run_in_threadpool
 
 from api.deps import key_digest
 from api.errors import PayloadTooLarge, error_response, install_error_handlers
-from api.routes import health, jobs
+from api.routes import datasets, health, jobs
 from api.services.reconciler import reconcile
 from kiln import __version__
 from kiln.db import get_sessionmaker
@@ -45,28 +45,65 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.store = ArtifactStore(settings.artifacts_path)
     install_error_handlers(app)
 
-    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(
+        BodyLimit, max_bytes=settings.max_body_bytes, paths={datasets.router.prefix: settings.max_upload_bytes}
+    )
     app.include_router(health.router)
     app.include_router(jobs.router)
+    app.include_router(datasets.router)
     return app
 
 
 class BodyLimit:
-    """Refuses a request whose declared body is over the limit before reading it (plain ASGI, so an
-    error raised later in the request is not entangled with a middleware's response handling)."""
+    """Refuses a request whose declared body is over the limit before reading it, and one that declares no
+    length (chunked) as soon as what it sent passes the limit. Plain ASGI, so an error raised later in the
+    request is not entangled with a middleware's response handling. `paths` gives some paths (uploads) a
+    limit of their own."""
 
-    def __init__(self, app, max_bytes: int) -> None:
+    def __init__(self, app, max_bytes: int, paths: dict[str, int] | None = None) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.paths = paths or {}
 
     async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] == "http":
-            length = dict(scope["headers"]).get(b"content-length", b"")
-            if length.isdigit() and int(length) > self.max_bytes:
-                err = PayloadTooLarge(f"The request body is over {self.max_bytes} bytes; send a smaller one.")
-                await error_response(err.status, err.code, err.message)(scope, receive, send)
-                return
-        await self.app(scope, receive, send)
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        limit = self.paths.get(scope["path"], self.max_bytes)
+        err = PayloadTooLarge(f"The request body is over {limit} bytes; send a smaller one.")
+        too_large = error_response(err.status, err.code, err.message)
+        length = dict(scope["headers"]).get(b"content-length", b"")
+        if length.isdigit() and int(length) > limit:
+            await too_large(scope, receive, send)
+            return
+
+        received, over, started = 0, False, False
+
+        async def counted_receive():
+            # Past the limit the app is told the client left: it stops reading, and its answer is replaced.
+            nonlocal received, over
+            if over:
+                return {"type": "http.disconnect"}
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > limit and not started:
+                over = True
+                return {"type": "http.disconnect"}
+            return message
+
+        async def guarded_send(message) -> None:
+            nonlocal started
+            if not over:
+                started = True
+                await send(message)
+
+        try:
+            await self.app(scope, counted_receive, guarded_send)
+        except Exception:
+            if not over:
+                raise
+        if over:
+            await too_large(scope, receive, send)
 
 
 async def _reconcile_forever(settings: Settings) -> None:

@@ -5,6 +5,7 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from kiln.catalog import Task
 from kiln.tables import EpochMetric, Job, JobStatus
 
 
@@ -103,6 +104,27 @@ class Predictions(BaseModel):
     # (autoencoder).
     predictions: list[Any]
     probabilities: list[list[float]] | None  # per class, for classification and binary tasks
+
+
+class DatasetOut(BaseModel):
+    """An uploaded dataset; a JobSpec trains on it with data.dataset set to its id."""
+
+    model_config = ConfigDict(from_attributes=True)
+
+    id: str
+    name: str
+    task: Task  # classification, binary or regression (task "auto" resolved at upload)
+    rows: int
+    features: int
+    classes: int | None  # None for regression
+    # The original label of each class index (the targets are stored as 0..classes-1); None for regression.
+    labels: list[Any] | None
+    created_at: datetime
+
+
+class DatasetList(BaseModel):
+    items: list[DatasetOut]
+    next_cursor: str | None
 
 
 class ErrorBody(BaseModel):

@@ -57,6 +57,8 @@ class Settings(BaseSettings):
 
     # Largest request body the API reads.
     max_body_bytes: int = Field(default=1 << 20, ge=1024)
+    # Largest dataset upload (POST /v1/datasets), and the most an uploaded NPZ's arrays may take uncompressed.
+    max_upload_bytes: int = Field(default=50 << 20, ge=1024)
 
     @field_validator("database_url", "broker_url")
     @classmethod

@@ -8,6 +8,9 @@ with a message that names the field and the fix.
 Built-in datasets are checked from kiln.catalog. Any other dataset (an upload) is checked the same way when
 the caller passes its DatasetInfo in the validation context:
     JobSpec.model_validate(body, context={"datasets": {name: DatasetInfo(...)}})
+Validated with no "datasets" context at all, a spec naming an upload's id (a UUID) is accepted provisionally:
+the checks that need the dataset stand back and loss stays None. Such a spec must be validated again with the
+context before it is used (the API does at submit, the worker at claim).
 """
 
 from typing import Annotated, Any, Literal
@@ -23,6 +26,7 @@ from pydantic import (
 )
 
 from kiln.catalog import BUILTIN_DATASETS, LOSSES_FOR_TASK, DatasetInfo, Layout, Task, channels_and_extent
+from kiln.storage import parse_id
 
 LossName = Literal["mse", "l1", "huber", "bce", "cross_entropy"]
 
@@ -121,11 +125,21 @@ def _dataset_info(name: str, info: ValidationInfo) -> DatasetInfo | None:
     return BUILTIN_DATASETS.get(name) or ((info.context or {}).get("datasets") or {}).get(name)
 
 
+def _pending_upload(name: str, info: ValidationInfo) -> bool:
+    """An upload's id validated without a datasets context: accepted until it is validated with one."""
+    if "datasets" in (info.context or {}):
+        return False
+    try:
+        return parse_id(name) == name
+    except ValueError:
+        return False
+
+
 class DataSpec(StrictModel):
     dataset: str = Field(
         min_length=1,
         max_length=64,
-        description="A built-in dataset name: " + ", ".join(BUILTIN_DATASETS),
+        description="A built-in dataset name (" + ", ".join(BUILTIN_DATASETS) + "), or an uploaded dataset's id.",
     )
     val_fraction: FiniteFloat = Field(default=0.2, ge=0.0, le=0.5)
     samples: int | None = Field(
@@ -135,8 +149,9 @@ class DataSpec(StrictModel):
     @field_validator("dataset")
     @classmethod
     def _known_dataset(cls, name: str, info: ValidationInfo) -> str:
-        if _dataset_info(name, info) is None:
-            raise ValueError(f"unknown dataset {name!r}; choose one of: {', '.join(BUILTIN_DATASETS)}")
+        if _dataset_info(name, info) is None and not _pending_upload(name, info):
+            raise ValueError(f"unknown dataset {name!r}; choose one of: {', '.join(BUILTIN_DATASETS)}, "
+                             "or the id of a dataset you uploaded")
         return name
 
     @field_validator("samples")
@@ -349,17 +364,19 @@ class JobSpec(StrictModel):
     @classmethod
     def _model_fits_data(cls, model: ModelSpec, info: ValidationInfo) -> ModelSpec:
         data = info.data.get("data")
-        if data is not None:  # else the data section itself was invalid; that error is reported already
-            _check_model_fits(model, _dataset_info(data.dataset, info))
+        # No data: that section itself was invalid, and its error is reported already. No dataset: a pending upload.
+        if data is not None and (dataset := _dataset_info(data.dataset, info)) is not None:
+            _check_model_fits(model, dataset)
         return model
 
     @field_validator("loss")
     @classmethod
     def _loss_fits_task(cls, loss: str | None, info: ValidationInfo) -> str | None:
         data, model = info.data.get("data"), info.data.get("model")
-        if data is None or model is None:
+        dataset = _dataset_info(data.dataset, info) if data is not None else None
+        if dataset is None or model is None:
             return loss
-        task = training_task(model, _dataset_info(data.dataset, info))
+        task = training_task(model, dataset)
         fitting = LOSSES_FOR_TASK[task]
         if loss is None:
             return fitting[0]

@@ -1,18 +1,45 @@
-"""The local artifact store: files keyed by job id, written atomically.
+"""The local artifact store: files keyed by job id or dataset id, written atomically.
 
 Paths are built from validated ids and fixed file names only, never from user strings.
 """
 
+import os
+import tempfile
 import uuid
 from pathlib import Path
 
 WEIGHTS = "weights.safetensors"
 ENCODER = "encoder.safetensors"  # an autoencoder's encoder, downloadable on its own
+DATASET = "data.safetensors"  # an uploaded dataset's arrays: x float32 (rows, features), y int64 or float32
 
 
-def parse_job_id(value: str) -> str:
-    """Canonical form of a job id, or ValueError; the only door from a string to a path."""
+def parse_id(value: str) -> str:
+    """Canonical form of a job or dataset id, or ValueError; the only door from a string to a path."""
     return str(uuid.UUID(value, version=4))
+
+
+parse_job_id = parse_id
+
+
+def write_atomically(path: Path, data: bytes) -> None:
+    """Readers see the old file or the whole new one: a temporary file beside it, fsynced, renamed over it,
+    and the directory fsynced so that the rename itself survives a power cut."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
 
 
 class ArtifactStore:
@@ -20,7 +47,7 @@ class ArtifactStore:
         self.root = root.resolve()
 
     def job_dir(self, job_id: str) -> Path:
-        return self.root / "jobs" / parse_job_id(job_id)
+        return self.root / "jobs" / parse_id(job_id)
 
     def path(self, job_id: str, name: str) -> Path:
         if name not in {WEIGHTS, ENCODER}:
@@ -33,9 +60,18 @@ class ArtifactStore:
     def checkpoint_path(self, job_id: str, epoch: int) -> Path:
         return self.checkpoint_dir(job_id) / f"epoch-{int(epoch):06d}.safetensors"
 
+    def dataset_path(self, dataset_id: str) -> Path:
+        return self.root / "datasets" / parse_id(dataset_id) / DATASET
+
     def open_artifact(self, job_id: str, name: str) -> Path | None:
         """The file if present as a regular file inside the store (no symlinks followed out)."""
-        path = self.path(job_id, name)
+        return self._regular_file(self.path(job_id, name))
+
+    def open_dataset(self, dataset_id: str) -> Path | None:
+        """An uploaded dataset's file, on the same terms as open_artifact."""
+        return self._regular_file(self.dataset_path(dataset_id))
+
+    def _regular_file(self, path: Path) -> Path | None:
         try:
             real = path.resolve(strict=True)
         except FileNotFoundError:
@@ -43,4 +79,3 @@ class ArtifactStore:
         if not real.is_relative_to(self.root) or not real.is_file() or path.is_symlink():
             return None
         return real
-

@@ -7,6 +7,7 @@ from typing import Any
 from sqlalchemy import JSON, Boolean, Enum, Float, ForeignKey, Index, Integer, String, Text, UniqueConstraint
 from sqlalchemy.orm import Mapped, mapped_column
 
+from kiln.catalog import DatasetInfo, Task
 from kiln.db import Base, UTCDateTime, utcnow
 
 
@@ -102,3 +103,29 @@ class JobEvent(Base):
     worker: Mapped[str | None] = mapped_column(String(200))
     epoch: Mapped[int | None] = mapped_column(Integer)
     message: Mapped[str] = mapped_column(Text)
+
+
+class Dataset(Base):
+    """An uploaded dataset's description; its arrays are a safetensors file in the artifact store, keyed by id."""
+
+    __tablename__ = "datasets"
+    __table_args__ = (Index("ix_datasets_owner_created", "owner", "created_at"),)
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    owner: Mapped[str] = mapped_column(String(64))
+    name: Mapped[str] = mapped_column(String(200))
+    task: Mapped[Task] = mapped_column(
+        Enum(Task, native_enum=False, length=16, create_constraint=False, validate_strings=True)
+    )
+    rows: Mapped[int] = mapped_column(Integer)
+    features: Mapped[int] = mapped_column(Integer)
+    classes: Mapped[int | None] = mapped_column(Integer)  # None for regression
+    # The original label of each class index (classification, binary), to map predictions back; else None.
+    labels: Mapped[list[Any] | None] = mapped_column(JSON)
+    input_shape: Mapped[list[int]] = mapped_column(JSON)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    sha256: Mapped[str] = mapped_column(String(64))  # of the stored file
+
+    def info(self) -> DatasetInfo:
+        """What specs are validated against; named by id, as a spec's data.dataset names it."""
+        return DatasetInfo(self.id, self.task, tuple(self.input_shape), self.classes, self.rows)

@@ -7,6 +7,7 @@ Each epoch: checkpoint on disk (atomic) -> metrics row and checkpoint epoch in o
 """
 
 import contextlib
+import hashlib
 import logging
 import threading
 import time
@@ -16,19 +17,24 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
+import numpy as np
 import torch
-from sqlalchemy import delete, func, literal, or_, update
+from pydantic import ValidationError
+from safetensors.numpy import load as load_safetensors
+from sqlalchemy import delete, func, literal, or_, select, update
 from sqlalchemy.exc import OperationalError
 
+from kiln.catalog import BUILTIN_DATASETS, DatasetInfo
 from kiln.db import UTCDateTime, session_scope, utcnow
 from kiln.dispatch import publish_job
 from kiln.history import record
 from kiln.settings import Settings, get_settings
 from kiln.spec import JobSpec
 from kiln.storage import ENCODER, WEIGHTS, ArtifactStore
-from kiln.tables import EpochMetric, Job, JobStatus
+from kiln.tables import Dataset, EpochMetric, Job, JobStatus
 from models.weights import encoder_weights, save_weights
 from worker.checkpoint import CheckpointError, load_checkpoint, save_checkpoint, spec_hash
+from worker.datasets import load_arrays
 from worker.preparation import prepare
 from worker.training import DivergedError, EpochMetrics, LoopState, fit
 
@@ -54,6 +60,7 @@ class Claim:
     spec_digest: str
     resume_epoch: int  # the checkpoint to resume from; 0 means from scratch
     deadline: datetime  # the job's time limit, counted from its first start
+    upload: Dataset | None = None  # the uploaded dataset the spec names, as it was validated; None: a built-in
 
 
 def claim(job_id: str, worker: str, settings: Settings) -> Claim | None:
@@ -87,10 +94,22 @@ def claim(job_id: str, worker: str, settings: Settings) -> Claim | None:
         resumed = f", resuming from the epoch-{job.checkpoint_epoch} checkpoint" if job.checkpoint_epoch else ""
         record(session, job_id, "claimed", f"claimed by {worker} (attempt {job.attempt}){resumed}",
                attempt=job.attempt, worker=worker, epoch=job.checkpoint_epoch or None)
+        # The spec is validated as at submit: against the owner's upload when it names one.
+        name = job.spec["data"]["dataset"]
+        upload = None if name in BUILTIN_DATASETS else session.scalar(
+            select(Dataset).where(Dataset.id == name, Dataset.owner == job.owner))
+        try:
+            spec = JobSpec.model_validate(job.spec, context={"datasets": {name: upload.info()} if upload else {}})
+        except ValidationError as exc:
+            error = f"the spec no longer validates: {exc.errors()[0]['msg'].removeprefix('Value error, ')}"
+            session.execute(update(Job).where(Job.id == job_id).values(
+                status=JobStatus.failed, error=error, finished_at=now, lease_token=None, lease_expires_at=None))
+            record(session, job_id, "failed", error, attempt=job.attempt, worker=worker)
+            return None
         limit = job.spec.get("time_limit_s") or settings.default_time_limit_s
         return Claim(
-            job_id, token, job.attempt, worker, JobSpec.model_validate(job.spec), spec_hash(job.spec),
-            job.checkpoint_epoch, job.started_at + timedelta(seconds=limit),
+            job_id, token, job.attempt, worker, spec, spec_hash(job.spec),
+            job.checkpoint_epoch, job.started_at + timedelta(seconds=limit), upload,
         )
 
 
@@ -246,11 +265,29 @@ def run_job(job_id: str, worker: str, settings: Settings | None = None) -> JobSt
         return JobStatus.failed
 
 
+def _load_upload(upload: Dataset, store: ArtifactStore) -> tuple[np.ndarray, np.ndarray, DatasetInfo]:
+    """An uploaded dataset's arrays (safetensors: no pickle), checked against the record the spec was
+    validated with."""
+    path = store.open_dataset(upload.id)
+    if path is None:
+        raise RuntimeError(f"the file of dataset {upload.id} is missing from the artifact store")
+    data = path.read_bytes()
+    if hashlib.sha256(data).hexdigest() != upload.sha256:
+        raise RuntimeError(f"the file of dataset {upload.id} is damaged: its sha256 is not the upload's")
+    info = upload.info()
+    arrays = load_safetensors(data)
+    x, y, loaded = load_arrays(info.name, arrays["x"].reshape(-1, *info.input_shape), arrays["y"], info.task)
+    if loaded != info:
+        raise RuntimeError(f"the file of dataset {upload.id} does not match its record ({loaded} is not {info})")
+    return x, y, loaded
+
+
 def _train(claim: Claim, lease: Lease, settings: Settings) -> JobStatus:
     spec = claim.spec
     store = ArtifactStore(settings.artifacts_path)
     store.checkpoint_dir(claim.job_id).mkdir(parents=True, exist_ok=True)
-    job = prepare(spec, torch.device("cpu"))
+    dataset = _load_upload(claim.upload, store) if claim.upload else None
+    job = prepare(spec, torch.device("cpu"), dataset=dataset)
     resume = None
     if claim.resume_epoch:
         try:

@@ -11,18 +11,21 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
+from fastapi.exceptions import RequestValidationError
+from pydantic import ValidationError
 from sqlalchemy import and_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from api.errors import Conflict, InvalidRequest, NotFound
+from kiln.catalog import BUILTIN_DATASETS
 from kiln.db import utcnow
 from kiln.dispatch import publish_job
 from kiln.history import record
 from kiln.settings import get_settings
 from kiln.spec import JobSpec
 from kiln.storage import ENCODER, WEIGHTS, ArtifactStore
-from kiln.tables import EpochMetric, Job, JobEvent, JobStatus
+from kiln.tables import Dataset, EpochMetric, Job, JobEvent, JobStatus
 
 log = logging.getLogger("kiln.api.jobs")
 
@@ -36,6 +39,7 @@ class Created:
 def create_job(session: Session, owner: str, spec: JobSpec, idempotency_key: str | None) -> Created:
     if idempotency_key and (earlier := _by_idempotency_key(session, owner, idempotency_key)):
         return Created(earlier, new=False)
+    spec = _checked_against_upload(session, owner, spec)
     settings = get_settings()
     if spec.time_limit_s is not None and spec.time_limit_s > settings.max_time_limit_s:
         raise InvalidRequest(
@@ -62,6 +66,22 @@ def create_job(session: Session, owner: str, spec: JobSpec, idempotency_key: str
     # Publish only after the commit, so a worker can never receive an id the database lacks.
     publish_job(job.id)
     return Created(job, new=True)
+
+
+def _checked_against_upload(session: Session, owner: str, spec: JobSpec) -> JobSpec:
+    """The route validated the spec without uploads, where an upload's id passes provisionally: validate it
+    again with the owner's dataset of that id, so the loss and model checks apply. An unknown id, or another
+    owner's, is refused at body.data.dataset as an unknown name is."""
+    name = spec.data.dataset
+    if name in BUILTIN_DATASETS:
+        return spec
+    upload = session.scalar(select(Dataset).where(Dataset.id == name, Dataset.owner == owner))
+    body = spec.model_dump(mode="json")
+    try:
+        return JobSpec.model_validate(body, context={"datasets": {name: upload.info()} if upload else {}})
+    except ValidationError as exc:
+        errors = [{**e, "loc": ("body", *e["loc"])} for e in exc.errors()]
+        raise RequestValidationError(errors, body=body) from None
 
 
 def _by_idempotency_key(session: Session, owner: str, key: str) -> Job | None:

@@ -67,10 +67,10 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _heartbeat_within_lease(self) -> "Settings":
-        if self.heartbeat_s >= self.lease_s:
+        if self.heartbeat_s * 3 > self.lease_s:
             raise ValueError(
-                f"KILN_HEARTBEAT_S ({self.heartbeat_s}) must be shorter than KILN_LEASE_S ({self.lease_s}), "
-                "or every running job would look lost between two heartbeats"
+                f"KILN_HEARTBEAT_S ({self.heartbeat_s}) must be at most a third of KILN_LEASE_S ({self.lease_s}), "
+                "or one slow heartbeat would make a running job look lost"
             )
         return self
 

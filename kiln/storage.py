@@ -15,7 +15,10 @@ DATASET = "data.safetensors"  # an uploaded dataset's arrays: x float32 (rows, f
 
 def parse_id(value: str) -> str:
     """Canonical form of a job or dataset id, or ValueError; the only door from a string to a path."""
-    return str(uuid.UUID(value, version=4))
+    parsed = uuid.UUID(value)
+    if parsed.version != 4 or str(parsed) != value:  # exactly the form kiln issues, nothing that merely parses
+        raise ValueError(f"not a kiln id: {value!r}")
+    return value
 
 
 parse_job_id = parse_id

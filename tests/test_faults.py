@@ -381,3 +381,20 @@ def test_sqlite_with_two_worker_processes(faults):
     logs = stack.worker_log() + (stack.tmp / "api.log").read_text()
     assert "database is locked" not in logs
     stack.summary("SQLite, 4 jobs x 50 epochs on 2 worker processes", ids)
+
+
+def test_cancel_while_the_worker_is_lost(faults):
+    """A job asked to stop whose worker then vanished is cancelled, not trained again."""
+    stack = faults()
+    stack.start_worker("a")
+    job_id = stack.submit({**SLOW, "epochs": 50})
+    stack.wait_job(job_id, lambda j: j["epochs_completed"] >= 1)
+    for process in psutil.Process(stack.workers["a"].pid).children(recursive=True):
+        process.send_signal(signal.SIGSTOP)  # the worker freezes: no heartbeat, no batch boundary
+    assert stack.http.post(f"/v1/jobs/{job_id}/cancel").json()["cancel_requested"] is True
+    stack.kill_worker("a")
+    stack.start_worker("b")
+    job = stack.wait_all([job_id], timeout=60)[0]
+    assert job["status"] == "cancelled" and job["attempt"] == 1, job
+    assert stack.events(job_id)[-1]["kind"] == "cancelled"
+    stack.summary("cancel requested, then the worker lost", [job_id])

@@ -9,6 +9,7 @@ Each epoch: checkpoint on disk (atomic) -> metrics row and checkpoint epoch in o
 import contextlib
 import hashlib
 import logging
+import shutil
 import threading
 import time
 import uuid
@@ -21,8 +22,8 @@ import numpy as np
 import torch
 from pydantic import ValidationError
 from safetensors.numpy import load as load_safetensors
-from sqlalchemy import delete, func, literal, or_, select, update
-from sqlalchemy.exc import OperationalError
+from sqlalchemy import func, literal, or_, select, update
+from sqlalchemy.exc import InterfaceError, OperationalError
 
 from kiln.catalog import BUILTIN_DATASETS, DatasetInfo
 from kiln.db import UTCDateTime, session_scope, utcnow
@@ -67,16 +68,20 @@ def claim(job_id: str, worker: str, settings: Settings) -> Claim | None:
     """Take the job if it is queued, or running under an expired lease; None if someone else has it."""
     now = utcnow()
     token = str(uuid.uuid4())
+    claimable = (Job.id == job_id) & or_(
+        Job.status == JobStatus.queued, (Job.status == JobStatus.running) & (Job.lease_expires_at < now)
+    )
     with session_scope() as session:
+        # Asked to stop while no worker held it (its worker was lost, or it was handed back): never train it.
+        if session.execute(
+            update(Job).where(claimable, Job.cancel_requested.is_(True))
+            .values(status=JobStatus.cancelled, finished_at=now, lease_token=None, lease_expires_at=None)
+        ).rowcount:
+            record(session, job_id, "cancelled", "cancelled before it could resume", attempt=0, worker=worker)
+            return None
         won = session.execute(
             update(Job)
-            .where(
-                Job.id == job_id,
-                or_(
-                    Job.status == JobStatus.queued,
-                    (Job.status == JobStatus.running) & (Job.lease_expires_at < now),
-                ),
-            )
+            .where(claimable)
             .values(
                 status=JobStatus.running, attempt=Job.attempt + 1, lease_token=token,
                 lease_expires_at=now + timedelta(seconds=settings.lease_s), worker=worker,
@@ -87,10 +92,6 @@ def claim(job_id: str, worker: str, settings: Settings) -> Claim | None:
         if not won:
             return None
         job = session.get_one(Job, job_id)
-        # Epochs after the recorded checkpoint were never committed; nothing to keep from them.
-        session.execute(
-            delete(EpochMetric).where(EpochMetric.job_id == job_id, EpochMetric.epoch > job.checkpoint_epoch)
-        )
         resumed = f", resuming from the epoch-{job.checkpoint_epoch} checkpoint" if job.checkpoint_epoch else ""
         record(session, job_id, "claimed", f"claimed by {worker} (attempt {job.attempt}){resumed}",
                attempt=job.attempt, worker=worker, epoch=job.checkpoint_epoch or None)
@@ -127,7 +128,7 @@ def _retrying(write: Callable[[], T], settings: Settings, what: str) -> T:
     while True:
         try:
             return write()
-        except OperationalError:
+        except (OperationalError, InterfaceError):
             if time.monotonic() + delay > deadline:
                 raise LeaseLost(f"database unreachable for {settings.lease_s:.0f} s while {what}") from None
             log.warning("database unreachable while %s; retrying in %.1f s", what, delay)
@@ -143,7 +144,6 @@ class Lease:
         self.claim = claim
         self.settings = settings
         self.reason: str | None = None
-        self._expires_at = utcnow() + timedelta(seconds=settings.lease_s)  # as the claim set it
         self._done = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"lease-{claim.job_id[:8]}", daemon=True)
 
@@ -171,11 +171,8 @@ class Lease:
                 log.warning("job %s: lease lost; stopping attempt %d", self.claim.job_id, self.claim.attempt)
                 self.reason = "lease lost"
                 return
-            except OperationalError:  # database briefly unreachable: keep training, try next beat
-                log.warning("job %s: heartbeat failed", self.claim.job_id)
-                if utcnow() > self._expires_at:
-                    self.reason = "lease lost"
-                    return
+            except Exception as exc:  # database briefly unreachable: keep training; the next fenced write decides
+                log.warning("job %s: heartbeat failed (%s)", self.claim.job_id, type(exc).__name__)
 
     def renew(self) -> None:
         expires = utcnow() + timedelta(seconds=self.settings.lease_s)
@@ -184,7 +181,6 @@ class Lease:
                 raise LeaseLost
             if session.get_one(Job, self.claim.job_id).cancel_requested:
                 self.reason = self.reason or "cancelled"
-        self._expires_at = expires
 
 
 class EpochRecorder:
@@ -214,6 +210,8 @@ class EpochRecorder:
             )
             if session.execute(fenced).rowcount != 1:
                 raise LeaseLost
+            if session.get(EpochMetric, (self.claim.job_id, m.epoch)) is not None:
+                return  # this attempt's earlier try committed, and only its acknowledgement was lost
             session.add(
                 EpochMetric(
                     job_id=self.claim.job_id, epoch=m.epoch, attempt=self.claim.attempt, train_loss=m.train_loss,
@@ -260,8 +258,8 @@ def run_job(job_id: str, worker: str, settings: Settings | None = None) -> JobSt
     except Exception as exc:  # a bug or a resource error: fail the job with a sentence, not silence
         log.exception("job %s: training crashed", job_id)
         with contextlib.suppress(LeaseLost):
-            _finish(job_claim, JobStatus.failed, f"the worker crashed: {type(exc).__name__}: {exc}", None,
-                    finished_at=utcnow(), error=f"the worker crashed: {type(exc).__name__}: {exc}")
+            error = f"the worker hit an unexpected {type(exc).__name__}; its log has the details"
+            _finish(job_claim, JobStatus.failed, error, None, finished_at=utcnow(), error=error)
         return JobStatus.failed
 
 
@@ -331,4 +329,5 @@ def _train(claim: Claim, lease: Lease, settings: Settings) -> JobStatus:
     message = f"succeeded after {done} epochs" + (f"; stopped early: {early}" if early else "")
     _finish(claim, JobStatus.succeeded, message, done, finished_at=utcnow(), weights_sha256=sha256,
             stop_reason=early, lr_search=result.lr_search)
+    shutil.rmtree(store.checkpoint_dir(claim.job_id), ignore_errors=True)  # a finished job never resumes
     return JobStatus.succeeded

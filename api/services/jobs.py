@@ -13,13 +13,13 @@ from pathlib import Path
 
 from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
-from sqlalchemy import and_, select, update
+from sqlalchemy import and_, case, literal, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from api.errors import Conflict, InvalidRequest, NotFound
 from kiln.catalog import BUILTIN_DATASETS
-from kiln.db import utcnow
+from kiln.db import UTCDateTime, utcnow
 from kiln.dispatch import publish_job
 from kiln.history import record
 from kiln.settings import get_settings
@@ -162,26 +162,35 @@ def cancel_job(session: Session, owner: str, job_id: str) -> Job:
     """Queued: cancelled at once and never starts. Running: flagged; the worker stops at the next batch."""
     job = get_job(session, owner, job_id)
     if job.status.terminal:
-        raise Conflict(f"Job {job_id} has already {job.status.value}; only queued or running jobs can be cancelled.")
-    still_queued = session.execute(
+        raise _not_cancellable(job)
+    # One UPDATE for both cases: a job moved between queued and running meanwhile (claimed, requeued
+    # by the reconciler, handed back) is still caught, and the worker or the claim honours the flag.
+    queued = Job.status == JobStatus.queued
+    session.execute(
         update(Job)
-        .where(Job.id == job_id, Job.status == JobStatus.queued)
-        .values(status=JobStatus.cancelled, cancel_requested=True, finished_at=utcnow())
-    )
-    if still_queued.rowcount == 1:
-        record(session, job_id, "cancelled", "cancelled before it started", attempt=job.attempt)
-    else:  # a worker claimed it meanwhile: ask that worker to stop at its next batch
-        asked = session.execute(
-            update(Job).where(Job.id == job_id, Job.status == JobStatus.running).values(cancel_requested=True)
+        .where(Job.id == job_id, Job.status.in_([JobStatus.queued, JobStatus.running]))
+        .values(
+            cancel_requested=True,
+            status=case((queued, JobStatus.cancelled.value), else_=Job.status),
+            finished_at=case((queued, literal(utcnow(), UTCDateTime())), else_=Job.finished_at),
         )
-        if asked.rowcount == 1:
-            record(session, job_id, "cancel_requested", "cancel requested; stopping at the next batch",
-                   attempt=job.attempt, worker=job.worker)
+        .execution_options(synchronize_session=False)
+    )
+    session.refresh(job)
+    if job.status == JobStatus.cancelled:
+        record(session, job_id, "cancelled", "cancelled before it started", attempt=job.attempt)
+    elif job.status == JobStatus.running:
+        record(session, job_id, "cancel_requested", "cancel requested; stopping at the next batch",
+               attempt=job.attempt, worker=job.worker)
     session.commit()
     session.refresh(job)
     if job.status in (JobStatus.succeeded, JobStatus.failed):  # it finished while we asked
-        raise Conflict(f"Job {job_id} has already {job.status.value}; only queued or running jobs can be cancelled.")
+        raise _not_cancellable(job)
     return job
+
+
+def _not_cancellable(job: Job) -> Conflict:
+    return Conflict(f"Job {job.id} has already {job.status.value}; only queued or running jobs can be cancelled.")
 
 
 def job_history(session: Session, owner: str, job_id: str) -> list[JobEvent]:

@@ -6,6 +6,8 @@ Paths are built from validated ids and fixed file names only, never from user st
 import os
 import tempfile
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 WEIGHTS = "weights.safetensors"
@@ -24,25 +26,33 @@ def parse_id(value: str) -> str:
 parse_job_id = parse_id
 
 
-def write_atomically(path: Path, data: bytes) -> None:
-    """Readers see the old file or the whole new one: a temporary file beside it, fsynced, renamed over it,
-    and the directory fsynced so that the rename itself survives a power cut."""
+@contextmanager
+def atomic_path(path: Path) -> Iterator[Path]:
+    """Yields a temporary path beside `path` to write; on success it is fsynced, renamed over `path`, and the
+    directory fsynced, so readers see the old file or the whole new one, even after a power cut. The temp
+    name is unique, so two writers of one path (a superseded attempt and its successor) never share it."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    tmp = Path(name)
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
+        yield tmp
+        with tmp.open("rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
     dir_fd = os.open(path.parent, os.O_RDONLY)
     try:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+def write_atomically(path: Path, data: bytes) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
 
 
 class ArtifactStore:

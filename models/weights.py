@@ -26,7 +26,6 @@ Loading never unpickles anything (no torch.load): a safetensors file is a JSON h
 import hashlib
 import json
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -38,6 +37,7 @@ from torch import nn
 
 from kiln.catalog import Task
 from kiln.spec import AutoencoderSpec, ModelSpec
+from kiln.storage import atomic_path
 from models import build_model
 from models.autoencoder import Autoencoder, encoder_spec
 
@@ -67,29 +67,13 @@ def save_weights(path: str | os.PathLike, model: nn.Module, meta: dict) -> str:
 
 
 def atomic_save(path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> str:
-    """Write a safetensors file so that readers see the old file or the complete new one, never a torn
-    write, and it survives a power cut; returns its sha256 hex digest."""
-    path = Path(path)
-    # A uniquely named temp file in the same directory, so os.replace is an atomic rename and two
-    # writers of the same path (a superseded attempt and its successor) never share a temp file.
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
+    """Write a safetensors file atomically (kiln.storage.atomic_path); returns its sha256 hex digest."""
+    digest = hashlib.sha256()
+    with atomic_path(Path(path)) as tmp:
         save_file(tensors, tmp, metadata=metadata)
-        digest = hashlib.sha256()
-        with open(tmp, "rb") as f:
+        with tmp.open("rb") as f:  # the bytes that will be renamed into place, not whatever is there later
             for chunk in iter(lambda: f.read(1 << 20), b""):
                 digest.update(chunk)
-            os.fsync(f.fileno())  # the bytes are on disk before the rename makes them visible
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)  # and so is the rename
-    finally:
-        os.close(dir_fd)
     return digest.hexdigest()
 
 

@@ -23,8 +23,6 @@ def parse_id(value: str) -> str:
     return value
 
 
-parse_job_id = parse_id
-
 
 @contextmanager
 def atomic_path(path: Path) -> Iterator[Path]:

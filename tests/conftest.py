@@ -98,15 +98,28 @@ class Stack:
         return httpx.Client(base_url=self.url, headers=headers, timeout=30)
 
     def wait_for_job(self, client: httpx.Client, job_id: str, predicate, timeout: float = 120) -> dict:
-        def check():
-            job = client.get(f"/v1/jobs/{job_id}").json()
-            return job if predicate(job) else None
-
-        return wait_until(check, timeout, interval=0.02, what=f"job {job_id} to reach a condition")
+        return wait_for_job(client, job_id, predicate, timeout)
 
     def queue_length(self) -> int:
         with redis.Redis.from_url(self.settings.broker_url) as r:
             return r.llen(self.settings.queue)
+
+
+def wait_for_job(http: httpx.Client, job_id: str, predicate, timeout: float = 120) -> dict:
+    """Poll the job until predicate(job) holds; as a real client would during an outage, a 503 or a
+    dropped connection means "ask again"."""
+
+    def check() -> dict | None:
+        try:
+            response = http.get(f"/v1/jobs/{job_id}")
+        except httpx.TransportError:
+            return None
+        if response.status_code == 503:
+            return None
+        job = response.json()
+        return job if predicate(job) else None
+
+    return wait_until(check, timeout, interval=0.02, what=f"job {job_id} to reach a condition")
 
 
 def start_process(cmd: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:

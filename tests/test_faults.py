@@ -34,7 +34,7 @@ from kiln.dispatch import TRAIN_TASK, make_celery
 from kiln.embedded import EmbeddedRedis, free_port, wait_until
 from kiln.migrate import upgrade
 from kiln.settings import Settings
-from tests.conftest import api_command, start_process, stop_process
+from tests.conftest import api_command, start_process, stop_process, wait_for_job
 from tests.netproxy import CuttableProxy
 
 pytestmark = pytest.mark.faults
@@ -115,18 +115,7 @@ class FaultStack:
         return self.http.get(f"/v1/jobs/{job_id}").json()
 
     def wait_job(self, job_id: str, predicate, timeout: float = 120) -> dict:
-        def check() -> dict | None:
-            # As a real client would during an outage: a 503 or a dropped connection means "ask again".
-            try:
-                response = self.http.get(f"/v1/jobs/{job_id}")
-            except httpx.TransportError:
-                return None
-            if response.status_code == 503:
-                return None
-            job = response.json()
-            return job if predicate(job) else None
-
-        return wait_until(check, timeout, 0.05, f"job {job_id}")
+        return wait_for_job(self.http, job_id, predicate, timeout)
 
     def wait_all(self, ids: list[str], timeout: float = 180) -> list[dict]:
         return [self.wait_job(i, lambda j: j["status"] in TERMINAL, timeout) for i in ids]

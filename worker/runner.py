@@ -60,7 +60,8 @@ class Claim:
     spec: JobSpec
     spec_digest: str
     resume_epoch: int  # the checkpoint to resume from; 0 means from scratch
-    deadline: datetime  # the job's time limit, counted from its first start
+    time_limit_s: int
+    deadline: datetime  # the time limit, counted from the job's first start
     upload: Dataset | None = None  # the uploaded dataset the spec names, as it was validated; None: a built-in
 
 
@@ -110,7 +111,7 @@ def claim(job_id: str, worker: str, settings: Settings) -> Claim | None:
         limit = job.spec.get("time_limit_s") or settings.default_time_limit_s
         return Claim(
             job_id, token, job.attempt, worker, spec, spec_hash(job.spec),
-            job.checkpoint_epoch, job.started_at + timedelta(seconds=limit), upload,
+            job.checkpoint_epoch, limit, job.started_at + timedelta(seconds=limit), upload,
         )
 
 
@@ -223,7 +224,9 @@ class EpochRecorder:
             )
 
 
-def _finish(claim: Claim, status: JobStatus, message: str, epoch: int | None, **values: Any) -> None:
+def _finish(
+    claim: Claim, settings: Settings, status: JobStatus, message: str, epoch: int | None, **values: Any
+) -> None:
     """The attempt's last fenced write: a terminal status, or back to the queue (values say which)."""
 
     def write() -> None:
@@ -236,7 +239,7 @@ def _finish(claim: Claim, status: JobStatus, message: str, epoch: int | None, **
             record(session, claim.job_id, status.value if status.terminal else "handed_back", message,
                    attempt=claim.attempt, worker=claim.worker, epoch=epoch)
 
-    _retrying(write, get_settings(), f"recording that the job {status.value}")
+    _retrying(write, settings, f"recording that the job {status.value}")
     log.info("job %s attempt %d finished: %s", claim.job_id, claim.attempt, message)
 
 
@@ -259,7 +262,7 @@ def run_job(job_id: str, worker: str, settings: Settings | None = None) -> JobSt
         log.exception("job %s: training crashed", job_id)
         with contextlib.suppress(LeaseLost):
             error = f"the worker hit an unexpected {type(exc).__name__}; its log has the details"
-            _finish(job_claim, JobStatus.failed, error, None, finished_at=utcnow(), error=error)
+            _finish(job_claim, settings, JobStatus.failed, error, None, finished_at=utcnow(), error=error)
         return JobStatus.failed
 
 
@@ -297,7 +300,7 @@ def _train(claim: Claim, lease: Lease, settings: Settings) -> JobStatus:
     try:
         result = fit(job.model, job.data, spec, callbacks=[recorder], should_stop=lease.should_stop, resume=resume)
     except DivergedError as exc:
-        _finish(claim, JobStatus.failed, str(exc), exc.epoch, finished_at=utcnow(), error=str(exc))
+        _finish(claim, settings, JobStatus.failed, str(exc), exc.epoch, finished_at=utcnow(), error=str(exc))
         return JobStatus.failed
     done = result.history[-1].epoch if result.history else claim.resume_epoch
 
@@ -305,19 +308,20 @@ def _train(claim: Claim, lease: Lease, settings: Settings) -> JobStatus:
         case "lease lost":
             raise LeaseLost("superseded")
         case "cancelled":
-            _finish(claim, JobStatus.cancelled, f"cancelled during epoch {done + 1}", done, finished_at=utcnow())
+            _finish(claim, settings, JobStatus.cancelled, f"cancelled during epoch {done + 1}", done,
+                    finished_at=utcnow())
             return JobStatus.cancelled
         case "time limit":
-            limit = spec.time_limit_s or settings.default_time_limit_s
             kept = f"the epoch-{done} checkpoint is kept" if done else "no epoch had completed"
-            error = f"time limit of {limit} s exceeded during epoch {done + 1}; {kept}"
-            _finish(claim, JobStatus.failed, error, done, finished_at=utcnow(), error=error)
+            error = f"time limit of {claim.time_limit_s} s exceeded during epoch {done + 1}; {kept}"
+            _finish(claim, settings, JobStatus.failed, error, done, finished_at=utcnow(), error=error)
             return JobStatus.failed
         case "shutdown":
             # Hand the job back at once instead of waiting for the lease to lapse; the next attempt
             # resumes from the last checkpoint, so at most the current epoch is trained again.
-            _finish(claim, JobStatus.queued, f"handed back by {claim.worker} (shutting down) after epoch {done}",
-                    done, worker=None, published_at=None)
+            _finish(claim, settings, JobStatus.queued,
+                    f"handed back by {claim.worker} (shutting down) after epoch {done}", done, worker=None,
+                    published_at=None)
             publish_job(claim.job_id)  # if the broker is unreachable, the reconciler publishes it later
             return JobStatus.queued
 
@@ -327,7 +331,7 @@ def _train(claim: Claim, lease: Lease, settings: Settings) -> JobStatus:
         save_weights(store.path(claim.job_id, ENCODER), *encoder_weights(job.model, meta))
     early = result.stopped.removeprefix("early_stopping: ") if result.stopped else None
     message = f"succeeded after {done} epochs" + (f"; stopped early: {early}" if early else "")
-    _finish(claim, JobStatus.succeeded, message, done, finished_at=utcnow(), weights_sha256=sha256,
+    _finish(claim, settings, JobStatus.succeeded, message, done, finished_at=utcnow(), weights_sha256=sha256,
             stop_reason=early, lr_search=result.lr_search)
     shutil.rmtree(store.checkpoint_dir(claim.job_id), ignore_errors=True)  # a finished job never resumes
     return JobStatus.succeeded

@@ -21,7 +21,7 @@ from sqlalchemy import and_, select
 from sqlalchemy.orm import Session
 
 from api.errors import InvalidRequest, NotFound, PayloadTooLarge
-from api.services.jobs import _decode_cursor, _encode_cursor
+from api.services.pagination import decode_cursor, encode_cursor
 from kiln.catalog import Task
 from kiln.db import utcnow
 from kiln.settings import get_settings
@@ -299,7 +299,7 @@ def list_datasets(session: Session, owner: str, *, limit: int, cursor: str | Non
         .limit(limit + 1)
     )
     if cursor:
-        created_at, last_id = _decode_cursor(cursor)
+        created_at, last_id = decode_cursor(cursor)
         query = query.where(
             (Dataset.created_at < created_at) | and_(Dataset.created_at == created_at, Dataset.id < last_id)
         )
@@ -307,4 +307,4 @@ def list_datasets(session: Session, owner: str, *, limit: int, cursor: str | Non
     if len(rows) <= limit:
         return rows, None
     rows = rows[:limit]
-    return rows, _encode_cursor(rows[-1].created_at, rows[-1].id)
+    return rows, encode_cursor(rows[-1].created_at, rows[-1].id)

@@ -1,14 +1,10 @@
 """Job operations behind the routes: plain functions over a Session, scoped by owner in every query."""
 
-import base64
-import binascii
 import hashlib
-import json
 import logging
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime
 from pathlib import Path
 
 from fastapi.exceptions import RequestValidationError
@@ -18,6 +14,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from api.errors import Conflict, InvalidRequest, NotFound
+from api.services.pagination import decode_cursor, encode_cursor
 from kiln.catalog import BUILTIN_DATASETS
 from kiln.db import UTCDateTime, utcnow
 from kiln.dispatch import publish_job
@@ -118,7 +115,7 @@ def list_jobs(
     if name is not None:
         query = query.where(Job.name == name)
     if cursor:
-        created_at, last_id = _decode_cursor(cursor)
+        created_at, last_id = decode_cursor(cursor)
         query = query.where(
             (Job.created_at < created_at) | (and_(Job.created_at == created_at, Job.id < last_id))
         )
@@ -127,25 +124,8 @@ def list_jobs(
     if len(rows) > limit:
         rows = rows[:limit]
         last = rows[-1][0]
-        next_cursor = _encode_cursor(last.created_at, last.id)
+        next_cursor = encode_cursor(last.created_at, last.id)
     return rows, next_cursor
-
-
-def _encode_cursor(created_at: datetime, job_id: str) -> str:
-    raw = json.dumps([created_at.isoformat(), job_id]).encode()
-    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
-
-
-def _decode_cursor(cursor: str) -> tuple[datetime, str]:
-    try:
-        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
-        created_at, job_id = json.loads(raw)
-        return datetime.fromisoformat(created_at), str(job_id)
-    except (ValueError, TypeError, binascii.Error) as exc:
-        raise InvalidRequest(
-            "The cursor is not one this API issued; pass next_cursor from a previous page unchanged.",
-            details=[{"field": "query.cursor", "message": "invalid cursor"}],
-        ) from exc
 
 
 def job_metrics(session: Session, owner: str, job_id: str, since: int) -> list[EpochMetric]:

@@ -1,5 +1,7 @@
 """The HTTP contract, over real HTTP against a real API server process (see API.md)."""
 
+import base64
+import json
 import subprocess
 import sys
 import uuid
@@ -157,6 +159,8 @@ def test_list_filters_and_pages(client):
     assert all(job["status"] in {"failed", "cancelled"} for job in statuses["items"])
     assert_error(client.get("/v1/jobs", params={"status": "exploded"}), 422, "validation_error")
     assert_error(client.get("/v1/jobs", params={"cursor": "garbage!"}), 422, "validation_error")
+    naive = base64.urlsafe_b64encode(json.dumps(["2026-01-01T00:00:00", ids[0]]).encode()).decode()
+    assert_error(client.get("/v1/jobs", params={"cursor": naive}), 422, "validation_error")
     assert_error(client.get("/v1/jobs", params={"limit": 0}), 422, "validation_error")
 
 

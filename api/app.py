@@ -8,14 +8,17 @@ from collections.abc import AsyncIterator
 from fastapi import FastAPI
 from starlette.concurrency import run_in_threadpool
 
-from api.deps import key_digest
+from api.deps import Authenticate
 from api.errors import PayloadTooLarge, error_response, install_error_handlers
-from api.routes import datasets, health, jobs
+from api.observability import Metrics, RequestTimer
+from api.routes import dashboard, datasets, health, jobs, metrics, streams, workers
+from api.services.events import JobWatcher
 from api.services.reconciler import reconcile
 from kiln import __version__
 from kiln.db import get_sessionmaker
+from kiln.logs import use_json
 from kiln.settings import Settings, get_settings
-from kiln.storage import ArtifactStore
+from kiln.storage import make_store
 
 log = logging.getLogger("kiln.api")
 
@@ -31,9 +34,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        reconciler = asyncio.create_task(_reconcile_forever(settings))
+        tasks = [asyncio.create_task(_reconcile_forever(settings)), asyncio.create_task(app.state.watcher.run())]
         yield
-        reconciler.cancel()
+        for task in tasks:
+            task.cancel()
 
     app = FastAPI(
         title="kiln",
@@ -41,16 +45,26 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         summary="Training jobs as a service: submit a spec, watch the loss fall, download the weights.",
         lifespan=lifespan,
     )
-    app.state.api_key_digest = key_digest(api_key)
-    app.state.store = ArtifactStore(settings.artifacts_path)
+    if settings.log_format == "json":
+        for name in ("", "uvicorn", "uvicorn.error", "uvicorn.access"):
+            use_json(logging.getLogger(name))
+    app.state.store = make_store(settings)
+    app.state.watcher = JobWatcher()
+    app.state.metrics = Metrics(settings)
     install_error_handlers(app)
 
     app.add_middleware(
         BodyLimit, max_bytes=settings.max_body_bytes, paths={datasets.router.prefix: settings.max_upload_bytes}
     )
+    app.add_middleware(Authenticate, deployment_key=api_key)  # before BodyLimit reads a byte of the body
+    app.add_middleware(RequestTimer, metrics=app.state.metrics)  # outermost: a 413 is timed too
     app.include_router(health.router)
+    app.include_router(metrics.router)
     app.include_router(jobs.router)
+    app.include_router(streams.router)
     app.include_router(datasets.router)
+    app.include_router(workers.router)
+    app.include_router(dashboard.router)
     return app
 
 
@@ -70,8 +84,11 @@ class BodyLimit:
             await self.app(scope, receive, send)
             return
         limit = self.paths.get(scope["path"], self.max_bytes)
-        err = PayloadTooLarge(f"The request body is over {limit} bytes; send a smaller one.")
-        too_large = error_response(err.status, err.code, err.message)
+
+        async def too_large(scope, receive, send) -> None:  # built only when needed: most requests never are
+            err = PayloadTooLarge(f"The request body is over {limit} bytes; send a smaller one.")
+            await error_response(err.status, err.code, err.message)(scope, receive, send)
+
         length = dict(scope["headers"]).get(b"content-length", b"")
         if length.isdigit() and int(length) > limit:
             await too_large(scope, receive, send)

@@ -10,6 +10,8 @@ from fastapi.responses import JSONResponse
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from starlette.exceptions import HTTPException
 
+from kiln.storage import StoreUnavailable
+
 log = logging.getLogger("kiln.api")
 
 
@@ -50,6 +52,14 @@ class Unauthorized(ApiError):
 class PayloadTooLarge(ApiError):
     status = 413
     code = "payload_too_large"
+
+
+class TooManyRequests(ApiError):
+    status = 429
+    code = "too_many_requests"
+
+    def __init__(self, message: str, retry_after_s: int) -> None:
+        super().__init__(message, headers={"Retry-After": str(retry_after_s)})
 
 
 def error_response(status: int, code: str, message: str, details: Any = None, headers=None) -> JSONResponse:
@@ -106,6 +116,14 @@ def install_error_handlers(app: FastAPI) -> None:
         log.warning("database error: %s", exc.__class__.__name__, exc_info=exc)
         return error_response(
             503, "database_unavailable", "The database is unavailable; try again in a few seconds.",
+            headers={"Retry-After": "5"},
+        )
+
+    @app.exception_handler(StoreUnavailable)
+    async def _store(_: Request, exc: StoreUnavailable) -> JSONResponse:
+        log.warning("%s", exc)  # the sentence names the bucket and what is wrong, for the operator
+        return error_response(
+            503, "storage_unavailable", "The artifact store is unavailable; try again in a few seconds.",
             headers={"Retry-After": "5"},
         )
 

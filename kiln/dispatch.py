@@ -8,6 +8,7 @@ import base64
 import contextlib
 import json
 import logging
+import time
 from functools import lru_cache
 
 import redis
@@ -16,6 +17,7 @@ from sqlalchemy import update
 
 from kiln.db import session_scope, utcnow
 from kiln.settings import Settings, get_settings
+from kiln.spec import ResourcesSpec
 from kiln.tables import Job
 
 log = logging.getLogger("kiln.dispatch")
@@ -27,6 +29,21 @@ PREDICT_TASK = "kiln.predict"
 def predict_queue(settings: Settings) -> str:
     """Predictions have a queue of their own, so hours of training never stand in front of them."""
     return f"{settings.queue}.predict"
+
+
+def train_queue(settings: Settings, resources: ResourcesSpec) -> str:
+    """The queue a job's resources send it to: kiln (CPU), kiln.gpu (CUDA), kiln.auto (either), kiln.<name>."""
+    if resources.queue:
+        return f"{settings.queue}.{resources.queue}"
+    return {"cpu": settings.queue, "cuda": f"{settings.queue}.gpu", "auto": f"{settings.queue}.auto"}[resources.device]
+
+
+def worker_queues(settings: Settings, *, gpu: bool, extra: tuple[str, ...] = ()) -> list[str]:
+    """What one worker process consumes: its device's queue, the jobs that run anywhere, and named pools."""
+    device = ResourcesSpec(device="cuda" if gpu else "cpu")
+    return [train_queue(settings, device), train_queue(settings, ResourcesSpec(device="auto"))] + [
+        train_queue(settings, ResourcesSpec(queue=name)) for name in extra
+    ]
 
 
 def make_celery(settings: Settings) -> Celery:
@@ -74,22 +91,22 @@ def producer() -> Celery:
     return make_celery(get_settings())
 
 
-def publish_train(job_id: str) -> None:
+def publish_train(job_id: str, queue: str) -> None:
     """Hand a committed job to the broker; raises if the broker cannot be reached quickly."""
     producer().send_task(
         TRAIN_TASK,
         args=[job_id],
-        queue=get_settings().queue,
+        queue=queue,
         retry=True,
         retry_policy={"max_retries": 2, "interval_start": 0, "interval_step": 0.2, "interval_max": 0.5},
     )
 
 
-def publish_job(job_id: str) -> bool:
-    """Publish a committed job and mark it published; if the broker is unreachable it stays in the
-    outbox (published_at null) and the reconciler publishes it later."""
+def publish_job(job_id: str, queue: str) -> bool:
+    """Publish a committed job to its queue and mark it published; if the broker is unreachable it stays in
+    the outbox (published_at null) and the reconciler publishes it later."""
     try:
-        publish_train(job_id)
+        publish_train(job_id, queue)
     except Exception as exc:
         log.warning("could not publish job %s (%s); left in the outbox", job_id, exc)
         return False
@@ -101,19 +118,26 @@ def publish_job(job_id: str) -> bool:
     return True
 
 
-def job_ids_in_broker(settings: Settings, limit: int = 100_000) -> set[str] | None:
-    """Job ids of the train messages the broker still holds: waiting in the queue or delivered and not
-    yet acknowledged. None when the broker cannot be read (or holds too much to read cheaply).
+def job_ids_in_broker(
+    settings: Settings, queues: set[str], delivered_within_s: float, limit: int = 100_000
+) -> set[str] | None:
+    """Job ids of the train messages the broker still holds: waiting in one of `queues`, or delivered within the
+    last `delivered_within_s` seconds and not yet acknowledged. None when the broker cannot be read (or holds too
+    much to read cheaply). A message delivered longer ago whose job is still queued went to a worker that was lost
+    before it could claim the job: it would come back only after the visibility timeout (hours), so it counts
+    as lost.
 
-    This reads kombu's Redis layout (the queue is a list, unacknowledged messages live in the
-    "unacked" hash), so that a message lost to a broker restart or FLUSHALL can be published again.
+    This reads kombu's Redis layout (the queue is a list, unacknowledged messages live in the "unacked" hash,
+    their delivery times in the "unacked_index" sorted set), so that a message lost to a broker restart or
+    FLUSHALL can be published again.
     """
     try:
         with redis.Redis.from_url(settings.broker_url, socket_timeout=5, socket_connect_timeout=2) as client:
-            if client.llen(settings.queue) > limit or client.hlen("unacked") > limit:
+            if sum(client.llen(q) for q in queues) > limit or client.hlen("unacked") > limit:
                 return None
-            waiting = client.lrange(settings.queue, 0, -1)
-            delivered = client.hvals("unacked")
+            waiting = [raw for q in sorted(queues) for raw in client.lrange(q, 0, -1)]
+            recent = client.zrangebyscore("unacked_index", time.time() - delivered_within_s, "+inf")
+            delivered = [raw for raw in client.hmget("unacked", recent) if raw is not None] if recent else []
     except redis.RedisError:
         return None
     ids: set[str] = set()

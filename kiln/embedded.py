@@ -2,6 +2,7 @@
 
 import importlib.util
 import shutil
+import signal
 import socket
 import subprocess
 import time
@@ -26,6 +27,17 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
         s.bind((host, 0))
         return s.getsockname()[1]
+
+
+def stop_process(process: subprocess.Popen, grace_s: float = 30) -> None:
+    """SIGTERM, then SIGKILL if it has not exited within grace_s."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(grace_s)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
 
 
 def wait_until(predicate, timeout: float, interval: float = 0.05, what: str = "condition"):

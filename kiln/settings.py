@@ -5,6 +5,7 @@ It refuses bad configuration at start rather than failing on the first request.
 
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -25,6 +26,14 @@ class Settings(BaseSettings):
     broker_url: str = ""
     # Local artifact store; empty means data_dir/artifacts.
     artifacts_dir: Path | None = None
+    # S3-compatible object storage for artifacts instead of artifacts_dir, used when s3_bucket is set: then the
+    # API and the workers share no filesystem. Credentials come from boto3's own chain (AWS_ACCESS_KEY_ID and
+    # AWS_SECRET_ACCESS_KEY, a profile, an instance role), never from here. s3_prefix: a key prefix ("kiln/prod");
+    # s3_endpoint_url: another server than AWS (MinIO, R2, moto); s3_region: empty means boto3's default.
+    s3_bucket: str = Field(default="", pattern=r"^([A-Za-z0-9][A-Za-z0-9._\-]{1,61}[A-Za-z0-9])?$")
+    s3_prefix: str = ""
+    s3_endpoint_url: str = Field(default="", pattern=r"^(https?://\S+)?$")
+    s3_region: str = Field(default="", pattern=r"^[a-z0-9\-]*$")
     # The single API key of this deployment; empty means the key file under data_dir.
     api_key: SecretStr = SecretStr("")
     # Celery queue that CPU jobs are sent to.
@@ -55,6 +64,15 @@ class Settings(BaseSettings):
     # How long the API waits for a predictor worker's answer before a 503.
     predict_timeout_s: float = Field(default=10.0, gt=0, le=300)
 
+    # "json": one JSON object per log line, with the job's id on every line logged while a job runs.
+    log_format: Literal["text", "json"] = "text"
+
+    # Per-owner bounds, checked before anything is queued: jobs queued or running at once; parameters a model
+    # may have (computed from the spec, nothing allocated); rows a job may train on in all (epochs x rows).
+    max_active_jobs: int = Field(default=20, ge=1)
+    max_parameters: int = Field(default=25_000_000, ge=1)
+    max_epoch_rows: int = Field(default=500_000_000, ge=1)
+
     # Largest request body the API reads.
     max_body_bytes: int = Field(default=1 << 20, ge=1024)
     # Largest dataset upload (POST /v1/datasets), and the most an uploaded NPZ's arrays may take uncompressed.
@@ -64,6 +82,14 @@ class Settings(BaseSettings):
     @classmethod
     def _strip(cls, value: str) -> str:
         return value.strip()
+
+    @field_validator("s3_prefix")
+    @classmethod
+    def _key_prefix(cls, value: str) -> str:
+        value = value.strip()
+        if value.startswith("/") or ".." in value or not value.isprintable() or len(value) > 512:
+            raise ValueError(f"KILN_S3_PREFIX {value!r} must be printable, relative (no leading /) and without '..'")
+        return value.rstrip("/")
 
     @model_validator(mode="after")
     def _heartbeat_within_lease(self) -> "Settings":

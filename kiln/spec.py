@@ -13,6 +13,7 @@ the checks that need the dataset stand back and loss stays None. Such a spec mus
 context before it is used (the API does at submit, the worker at claim).
 """
 
+import re
 from typing import Annotated, Any, Literal
 
 from pydantic import (
@@ -292,6 +293,61 @@ class EarlyStoppingSpec(StrictModel):
     restore_best: bool = True  # end with the weights of the best epoch, not the last
 
 
+# --- where it runs ---------------------------------------------------------------------------------------
+
+# Queue names a spec may not take: kiln's own queues go by these suffixes (see kiln.dispatch.train_queue).
+RESERVED_QUEUES = frozenset({"gpu", "auto", "predict"})
+
+
+def check_queue_name(queue: str) -> str:
+    """A named pool's queue (resources.queue, `kiln worker --queue`), or ValueError with the fix."""
+    if not re.fullmatch(r"[a-z0-9][a-z0-9_-]{0,39}", queue):
+        raise ValueError(f"queue {queue!r} is not a queue name: use up to 40 lower-case letters, digits, '-' and "
+                         "'_', starting with a letter or digit (as in `kiln worker --queue a100`)")
+    if queue in RESERVED_QUEUES:
+        raise ValueError(f"queue {queue!r} is kiln's own; pick another name, or leave queue out and let "
+                         "resources.device choose")
+    return queue
+
+
+class ResourcesSpec(StrictModel):
+    """What the job needs from a worker; kiln.dispatch.train_queue maps it to a Celery queue.
+
+    device "cpu" runs on CPU workers; "cuda" on a worker process that owns a GPU (never on a CPU-only one);
+    "auto" on whichever worker is free first, on its GPU if it has one. `queue` sends the job to workers
+    started with `kiln worker --queue NAME` instead (a pool of particular machines).
+    """
+
+    device: Literal["cpu", "cuda", "auto"] = "cpu"
+    # GPUs the job needs: 1 for device "cuda" (filled in), 0 for "cpu". More than one is refused until
+    # data-parallel jobs exist (DEPLOY.md has the design), rather than silently training on one GPU.
+    gpus: int | None = Field(default=None, ge=0, le=64, validate_default=True)
+    queue: str | None = None
+    # bf16 autocast for the forward pass and loss; weights, gradients and optimizer state stay float32.
+    precision: Literal["fp32", "bf16"] = "fp32"
+
+    @field_validator("gpus")
+    @classmethod
+    def _gpus_fit_device(cls, gpus: int | None, info: ValidationInfo) -> int:
+        device = info.data.get("device", "cpu")
+        if gpus is None:
+            return 1 if device == "cuda" else 0
+        if gpus > 1:
+            raise ValueError(f"resources.gpus {gpus}: jobs that train on several GPUs at once are not supported "
+                             "yet (DEPLOY.md has the design); ask for 1 GPU")
+        if gpus == 1 and device != "cuda":
+            raise ValueError(f"resources.gpus 1 needs device 'cuda' (device {device!r} asks for no GPU of its own); "
+                             "set device 'cuda', or gpus 0")
+        if gpus == 0 and device == "cuda":
+            raise ValueError("device 'cuda' trains on one GPU: set resources.gpus to 1, or use device 'cpu'")
+        return gpus
+
+    @field_validator("queue")
+    @classmethod
+    def _queue_name(cls, queue: str | None) -> str | None:
+        return None if queue is None else check_queue_name(queue)
+
+
 # --- the job ------------------------------------------------------------------------------------------
 
 
@@ -359,6 +415,7 @@ class JobSpec(StrictModel):
     # Wall-clock budget for the training; None takes the server's default (KILN_DEFAULT_TIME_LIMIT_S),
     # and the server refuses more than its KILN_MAX_TIME_LIMIT_S.
     time_limit_s: int | None = Field(default=None, ge=1, le=30 * 24 * 3600)
+    resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
 
     @field_validator("model")
     @classmethod

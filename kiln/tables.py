@@ -44,6 +44,8 @@ class Job(Base):
     )
     spec: Mapped[dict[str, Any]] = mapped_column(JSON)
     idempotency_key: Mapped[str | None] = mapped_column(String(200))
+    # The Celery queue the job is published to, from its spec's resources (kiln.dispatch.train_queue).
+    queue: Mapped[str] = mapped_column(String(100), default="kiln", server_default="kiln")
 
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
     published_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
@@ -129,3 +131,36 @@ class Dataset(Base):
     def info(self) -> DatasetInfo:
         """What specs are validated against; named by id, as a spec's data.dataset names it."""
         return DatasetInfo(self.id, self.task, tuple(self.input_shape), self.classes, self.rows)
+
+
+class ApiKey(Base):
+    """An owner's API key. Only its sha256 digest is stored; the key itself is shown once, at creation.
+    The short id is public (it is the key's second part) and names the key in listings, logs and revocation."""
+
+    __tablename__ = "api_keys"
+    __table_args__ = (Index("ix_api_keys_owner", "owner"),)
+
+    id: Mapped[str] = mapped_column(String(16), primary_key=True)
+    owner: Mapped[str] = mapped_column(String(64))
+    name: Mapped[str | None] = mapped_column(String(200))
+    digest: Mapped[str] = mapped_column(String(64))  # sha256 of the whole key, hex
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+
+
+class Worker(Base):
+    """A `kiln worker` (one Celery node) as it last reported itself; its heartbeat keeps last_seen fresh."""
+
+    __tablename__ = "workers"
+
+    name: Mapped[str] = mapped_column(String(200), primary_key=True)  # the Celery node name, as in jobs.worker
+    host: Mapped[str] = mapped_column(String(200))
+    pid: Mapped[int] = mapped_column(Integer)
+    queues: Mapped[list[str]] = mapped_column(JSON)
+    concurrency: Mapped[int] = mapped_column(Integer)
+    # [{"id": "cpu", "kind": "cpu", "name": ..., "cores": 16, "memory_gb": 125.7}, {"id": "cuda:0", ...}]
+    devices: Mapped[list[dict[str, Any]]] = mapped_column(JSON)
+    version: Mapped[str] = mapped_column(String(32))
+    started_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    last_seen: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    stopped_at: Mapped[datetime | None] = mapped_column(UTCDateTime())  # a clean shutdown; None while it runs

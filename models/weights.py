@@ -32,6 +32,7 @@ import numpy as np
 import torch
 from pydantic import TypeAdapter
 from safetensors import SafetensorError, safe_open
+from safetensors.torch import load as load_safetensors
 from safetensors.torch import save_file
 from torch import nn
 
@@ -77,24 +78,41 @@ def atomic_save(path: str | os.PathLike, tensors: dict[str, torch.Tensor], metad
     return digest.hexdigest()
 
 
-def load_weights(path: str | os.PathLike) -> tuple[nn.Module, dict]:
-    """Rebuild the model from the file alone; returns it in eval mode, with its metadata."""
+def load_weights(source: str | os.PathLike | bytes) -> tuple[nn.Module, dict]:
+    """Rebuild the model from the file alone (a path, or the file's bytes); returns it in eval mode, with its
+    metadata."""
+    name = "weights" if isinstance(source, bytes) else str(source)
     try:
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            raw = (f.metadata() or {}).get("kiln")
-            if raw is None:
-                raise WeightsError(f"{path}: a safetensors file without kiln metadata")
-            meta = json.loads(raw)
-            if meta.get("format") != FORMAT:
-                raise WeightsError(f"{path}: format {meta.get('format')!r}, expected {FORMAT!r}")
-            state = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118 (not iterable)
+        if isinstance(source, bytes):
+            metadata, state = _safetensors_metadata(source), load_safetensors(source)
+        else:
+            with safe_open(name, framework="pt", device="cpu") as f:
+                metadata = f.metadata() or {}
+                state = {key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118 (not iterable)
     except SafetensorError as exc:
-        raise WeightsError(f"{path}: not a safetensors file ({exc})") from exc
+        raise WeightsError(f"{name}: not a safetensors file ({exc})") from exc
+    raw = metadata.get("kiln")
+    if raw is None:
+        raise WeightsError(f"{name}: a safetensors file without kiln metadata")
+    meta = json.loads(raw)
+    if meta.get("format") != FORMAT:
+        raise WeightsError(f"{name}: format {meta.get('format')!r}, expected {FORMAT!r}")
 
     in_shape = tuple(meta.get("input_shape") or [meta["in_features"]])
     model = build_model(_model_spec.validate_python(meta["model"]), in_shape, meta["out_features"])
     model.load_state_dict(state, strict=True)
     return model.eval(), meta
+
+
+def _safetensors_metadata(data: bytes) -> dict[str, str]:
+    """The header's __metadata__: the file starts with the header's length (8 bytes, little-endian), then JSON."""
+    size = int.from_bytes(data[:8], "little")
+    if len(data) < 8 or size > len(data) - 8:
+        raise WeightsError("weights: not a safetensors file (its header runs past its end)")
+    try:
+        return json.loads(data[8 : 8 + size]).get("__metadata__") or {}
+    except (ValueError, AttributeError) as exc:
+        raise WeightsError(f"weights: not a safetensors file ({exc})") from exc
 
 
 def encoder_weights(model: Autoencoder, meta: dict) -> tuple[nn.Module, dict]:

@@ -7,11 +7,11 @@ against those servers instead, each test session in its own fresh database and i
 
 import os
 import secrets
-import signal
 import subprocess
 import sys
 import uuid
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,9 +20,9 @@ import pytest
 import redis
 from sqlalchemy import create_engine, make_url, text
 
-from kiln.cli import worker_command
-from kiln.dispatch import make_celery, predict_queue
-from kiln.embedded import EmbeddedRedis, free_port, wait_until
+from kiln.dispatch import make_celery, predict_queue, worker_queues
+from kiln.embedded import EmbeddedRedis, free_port, stop_process, wait_until
+from kiln.launch import worker_command
 from kiln.migrate import upgrade
 from kiln.settings import Settings
 
@@ -100,6 +100,19 @@ class Stack:
     def wait_for_job(self, client: httpx.Client, job_id: str, predicate, timeout: float = 120) -> dict:
         return wait_for_job(client, job_id, predicate, timeout)
 
+    def kiln(self, *args: str) -> subprocess.CompletedProcess:
+        """Runs the `kiln` command against this stack's database, as an operator would."""
+        return subprocess.run(
+            [sys.executable, "-m", "kiln.cli", *args], env=self.env, cwd=ROOT, capture_output=True, text=True,
+            timeout=60,
+        )
+
+    def create_key(self, owner: str) -> str:
+        """A new API key for owner (`kiln keys create`), which makes a new owner of a new name."""
+        done = self.kiln("keys", "create", "--owner", owner)
+        assert done.returncode == 0, done.stderr
+        return done.stdout.strip()
+
     def queue_length(self) -> int:
         with redis.Redis.from_url(self.settings.broker_url) as r:
             return r.llen(self.settings.queue)
@@ -133,16 +146,6 @@ def api_command(port: int) -> list[str]:
     ]
 
 
-def stop_process(process: subprocess.Popen) -> None:
-    if process.poll() is None:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-
-
 @pytest.fixture(scope="session")
 def stack(request, tmp_path_factory, database_url: str, broker_url: str) -> Iterator[Stack]:
     data_dir = tmp_path_factory.mktemp("kiln-data")
@@ -160,15 +163,19 @@ def stack(request, tmp_path_factory, database_url: str, broker_url: str) -> Iter
         "KILN_RECONCILE_INTERVAL_S": "0.5",
         "KILN_LOST_MESSAGE_GRACE_S": "2",
         "KILN_OUTBOX_GRACE_S": "1",
+        "KILN_MAX_ACTIVE_JOBS": "12",
     }
     settings = Settings(
-        data_dir=data_dir, database_url=database_url, broker_url=broker_url, queue=env["KILN_QUEUE"]
+        data_dir=data_dir, database_url=database_url, broker_url=broker_url, queue=env["KILN_QUEUE"],
+        max_active_jobs=int(env["KILN_MAX_ACTIVE_JOBS"]),
     )
     upgrade(database_url)
     port = free_port()
     hostname = f"test-{uuid.uuid4().hex[:6]}@{os.uname().nodename}"
     stack = Stack(url=f"http://127.0.0.1:{port}", api_key=api_key, env=env, settings=settings, logs=logs)
-    stack.processes["worker"] = start_process(worker_command(1, settings.queue, hostname), env, logs / "worker.log")
+    stack.processes["worker"] = start_process(
+        worker_command(1, worker_queues(settings, gpu=False), hostname), env, logs / "worker.log"
+    )
     stack.processes["predictor"] = start_process(
         worker_command(1, predict_queue(settings), f"predict-{hostname}"), env, logs / "predictor.log"
     )
@@ -193,8 +200,32 @@ def _api_ready(stack: Stack) -> bool:
     for name, process in stack.processes.items():
         if process.poll() is not None:
             raise RuntimeError(f"{name} exited early:\n{(stack.logs / f'{name}.log').read_text()[-3000:]}")
+    return answers(f"{stack.url}/readyz", stack.processes["api"], stack.logs / "api.log")
+
+
+@contextmanager
+def second_api(stack: Stack, name: str, timeout: float = 60, **env: str) -> Iterator[Stack]:
+    """Another API server on the stack's database, broker and store, with `env` on top of the stack's (KILN_...)."""
+    env = {**stack.env, **env}
+    port = free_port()
+    other = Stack(url=f"http://127.0.0.1:{port}", api_key=stack.api_key, env=env, settings=stack.settings,
+                  logs=stack.logs)
+    other.processes["api"] = start_process(api_command(port), env, stack.logs / f"{name}.log")
     try:
-        return httpx.get(f"{stack.url}/readyz", timeout=1).status_code == 200
+        wait_until(lambda: answers(f"{other.url}/readyz", other.processes["api"], stack.logs / f"{name}.log"),
+                   timeout=timeout, interval=0.1, what=f"the API server {name}")
+        yield other
+    finally:
+        stop_process(other.processes["api"])
+
+
+def answers(url: str, process: subprocess.Popen, log: Path) -> bool:
+    """Whether GET url answers 200 yet (for wait_until); raises with the end of its log if the process that should
+    answer has exited."""
+    if process.poll() is not None:
+        raise RuntimeError(f"{process.args[:4]} exited early:\n{log.read_text(errors='replace')[-3000:]}")
+    try:
+        return httpx.get(url, timeout=1).status_code == 200
     except httpx.TransportError:
         return False
 

@@ -1,4 +1,5 @@
-"""A loopback TCP proxy a test can cut: every connection dropped and new ones refused until restored.
+"""A TCP proxy (on loopback unless told another address) a test can cut: every connection dropped and new ones
+refused until restored.
 
 It stands between kiln's processes and a server (PostgreSQL) so a test can make that server
 unreachable for a few seconds without stopping the real one.
@@ -10,9 +11,9 @@ import threading
 
 
 class CuttableProxy:
-    def __init__(self, target_host: str, target_port: int) -> None:
+    def __init__(self, target_host: str, target_port: int, listen_host: str = "127.0.0.1") -> None:
         self.target = (target_host, target_port)
-        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.listener = socket.create_server((listen_host, 0))
         self.port = self.listener.getsockname()[1]
         self._open = threading.Event()
         self._open.set()
@@ -50,6 +51,7 @@ class CuttableProxy:
                 continue
             try:
                 upstream = socket.create_connection(self.target, timeout=5)
+                upstream.settimeout(None)  # the timeout was for connecting; an idle connection may stay idle
             except OSError:
                 client.close()
                 continue

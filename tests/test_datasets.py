@@ -11,9 +11,8 @@ import pytest
 from sqlalchemy.orm import Session
 
 from kiln.db import make_engine, utcnow
-from kiln.embedded import free_port, wait_until
 from kiln.tables import Dataset, Job, JobStatus
-from tests.conftest import Stack, _api_ready, api_command, start_process, stop_process
+from tests.conftest import second_api
 from tests.test_api import assert_error
 
 pytestmark = pytest.mark.e2e
@@ -47,17 +46,8 @@ def three_classes(rows: int = 90) -> bytes:
 @pytest.fixture(scope="module")
 def small_uploads(stack):
     """A second API server on the same database, broker and artifacts, with a small upload limit."""
-    env = {**stack.env, "KILN_MAX_UPLOAD_BYTES": str(SMALL_LIMIT)}
-    port = free_port()
-    small = Stack(url=f"http://127.0.0.1:{port}", api_key=stack.api_key, env=env, settings=stack.settings,
-                  logs=stack.logs)
-    small.processes["api-small-uploads"] = start_process(api_command(port), env, stack.logs / "api-small-uploads.log")
-    try:
-        wait_until(lambda: _api_ready(small), timeout=60, interval=0.1, what="the small-upload API server")
-        with small.client() as client:
-            yield client
-    finally:
-        stop_process(small.processes["api-small-uploads"])
+    with second_api(stack, "api-small-uploads", KILN_MAX_UPLOAD_BYTES=str(SMALL_LIMIT)) as small, small.client() as c:
+        yield c
 
 
 @pytest.fixture(scope="module")
@@ -201,7 +191,7 @@ def test_the_worker_fails_a_job_whose_dataset_is_gone(stack, client, database):
     spec = client.post("/v1/jobs", json={"data": {"dataset": dataset["id"]}, "epochs": 1}).json()["spec"]
     job_id = str(uuid.uuid4())
     with Session(database) as session:  # queued but never published: the reconciler's outbox publishes it
-        session.add(Job(id=job_id, owner="default", status=JobStatus.queued,
+        session.add(Job(id=job_id, owner="default", status=JobStatus.queued, queue=stack.settings.queue,
                         spec={**spec, "data": {**spec["data"], "dataset": str(uuid.uuid4())}},
                         created_at=utcnow() - timedelta(seconds=30), epochs_completed=0, checkpoint_epoch=0,
                         attempt=0, cancel_requested=False))

@@ -53,7 +53,7 @@ def test_digits_job_trains_end_to_end(stack, client):
 
     history = client.get(f"/v1/jobs/{job['id']}/history").json()["events"]
     assert [e["kind"] for e in history] == ["queued", "claimed", "succeeded"]
-    assert history[1]["message"] == f"claimed by {job['worker']} (attempt 1)"
+    assert history[1]["message"] == f"claimed by {job['worker']} on cpu (attempt 1)"
     assert history[2]["message"] == "succeeded after 25 epochs" and history[2]["epoch"] == 25
 
     epochs = client.get(f"/v1/jobs/{job['id']}/metrics").json()["epochs"]
@@ -173,7 +173,7 @@ def test_cli_submit_follow_show_download(stack, tmp_path):
     assert "val_acc" in lines[1]
     assert lines[-1] == f"job {job_id} succeeded"
 
-    shown = json.loads(kiln("show", job_id).stdout)
+    shown = json.loads(kiln("show", job_id, "--json").stdout)
     assert shown["id"] == job_id and shown["status"] == "succeeded"
 
     out = tmp_path / "w.safetensors"
@@ -199,7 +199,7 @@ def test_cli_submit_follow_show_download(stack, tmp_path):
     unreachable = {**env, "KILN_URL": "http://127.0.0.1:9"}
     result = subprocess.run([sys.executable, "-m", "kiln.cli", "show", job_id], env=unreachable, cwd=ROOT,
                             capture_output=True, text=True)
-    assert result.returncode == 2 and "cannot reach kiln" in result.stderr
+    assert result.returncode == 2 and "cannot reach the kiln API at http://127.0.0.1:9" in result.stderr
 
 
 def test_duplicate_delivery_runs_a_job_once(stack, client):

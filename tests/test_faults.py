@@ -29,12 +29,12 @@ import torch
 from safetensors.torch import load_file
 from sqlalchemy import make_url
 
-from kiln.cli import worker_command
 from kiln.dispatch import TRAIN_TASK, make_celery
 from kiln.embedded import EmbeddedRedis, free_port, wait_until
+from kiln.launch import worker_command
 from kiln.migrate import upgrade
 from kiln.settings import Settings
-from tests.conftest import api_command, start_process, stop_process, wait_for_job
+from tests.conftest import answers, api_command, start_process, stop_process, wait_for_job
 from tests.netproxy import CuttableProxy
 
 pytestmark = pytest.mark.faults
@@ -80,22 +80,23 @@ class FaultStack:
         self.api = start_process(api_command(port), self.env, tmp / "api.log")
         self.http = httpx.Client(base_url=f"http://127.0.0.1:{port}", headers={"Authorization": "Bearer faults"},
                                  timeout=30)
-        wait_until(self._api_ready, 60, 0.1, "the API")
-
-    def _api_ready(self) -> bool:
-        assert self.api.poll() is None, (self.tmp / "api.log").read_text()
-        try:
-            return self.http.get("/readyz").status_code == 200
-        except httpx.TransportError:
-            return False
+        wait_until(lambda: answers(f"http://127.0.0.1:{port}/readyz", self.api, tmp / "api.log"), 60, 0.1, "the API")
 
     def start_worker(self, name: str, concurrency: int = 1) -> None:
         hostname = f"{name}@faults"
         self.workers[name] = start_process(worker_command(concurrency, self.queue, hostname), self.env,
                                            self.tmp / f"worker-{name}.log")
         celery = make_celery(self.settings)
+
+        def answers() -> bool:
+            try:
+                return bool(celery.control.ping([hostname], timeout=0.5))
+            except redis.ConnectionError:  # seen once in CI: the broker closed this client's connection
+                celery.pool.force_close_all()  # ask again on a new one, within the same deadline
+                return False
+
         try:
-            wait_until(lambda: celery.control.ping([hostname], timeout=0.5), 60, what=f"worker {name}")
+            wait_until(answers, 60, what=f"worker {name}")
         finally:
             celery.close()
 
@@ -320,7 +321,8 @@ def test_publish_dropped_after_commit(faults):
     with Session(engine) as session, session.begin():
         spec = JobSpec.model_validate({**QUICK, "time_limit_s": 600}).model_dump(mode="json")
         for job_id in ids:  # committed exactly as the API commits, and never published
-            session.add(Job(id=job_id, owner="default", status=JobStatus.queued, spec=spec, created_at=utcnow(),
+            session.add(Job(id=job_id, owner="default", status=JobStatus.queued, spec=spec, queue=stack.queue,
+                            created_at=utcnow(),
                             epochs_completed=0, checkpoint_epoch=0, attempt=0, cancel_requested=False))
     engine.dispose()
     jobs = stack.wait_all(ids)
@@ -332,7 +334,7 @@ def test_job_longer_than_the_visibility_timeout(faults):
     stack = faults(visibility_timeout_s="2")
     stack.start_worker("a")
     stack.start_worker("b")
-    job_id = stack.submit({**SLOW, "epochs": 10})
+    job_id = stack.submit({**SLOW, "epochs": 60})  # some seconds: longer than the 2 s visibility timeout
     job = stack.wait_all([job_id])[0]
     assert job["status"] == "succeeded" and job["attempt"] == 1
     # Redis really did hand the message to someone else while the first worker was training.

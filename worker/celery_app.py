@@ -6,10 +6,19 @@ import os
 import signal
 
 import psutil
-from celery.signals import worker_process_init, worker_shutting_down
+from celery.signals import (
+    after_setup_logger,
+    after_setup_task_logger,
+    worker_init,
+    worker_process_init,
+    worker_ready,
+    worker_shutdown,
+    worker_shutting_down,
+)
 
 from kiln.db import reset_engine
 from kiln.dispatch import make_celery
+from kiln.logs import use_json
 from kiln.settings import get_settings
 
 log = logging.getLogger("kiln.worker")
@@ -22,6 +31,32 @@ app.conf.worker_cancel_long_running_tasks_on_connection_loss = False
 HANDBACK_SIGNAL = signal.SIGUSR2
 
 
+# How many pool processes this worker runs (its --concurrency), set in the main process before the pool forks.
+_pool_size: int | None = None
+
+
+@worker_init.connect
+def _before_forking(sender=None, **_) -> None:
+    global _pool_size
+    concurrency = getattr(sender, "concurrency", None)
+    _pool_size = concurrency if isinstance(concurrency, int) and concurrency > 0 else None
+    # What a job would otherwise import on its first run in every pool process, imported once here and inherited
+    # by each fork: torch.optim imports torch._dynamo on an optimizer's first use (~0.8 s, some 800 modules),
+    # worker.datasets loads scikit-learn's bundled datasets, the first engine its database dialect and driver.
+    # Modules only: no torch op runs and no connection opens before the fork.
+    import sklearn.datasets  # noqa: F401
+    import torch._dynamo  # noqa: F401
+    from sqlalchemy import make_url
+
+    make_url(get_settings().db_url).get_dialect().import_dbapi()
+
+
+def torch_threads(pool_size: int) -> int:
+    """Torch threads for each of `pool_size` processes sharing this machine's cores (those this process may run on)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, cores // pool_size)
+
+
 @worker_process_init.connect
 def _init_child(**_) -> None:
     # A forked child must open its own database connections, never reuse the parent's.
@@ -31,8 +66,9 @@ def _init_child(**_) -> None:
     from worker.runner import shutdown_requested
 
     signal.signal(HANDBACK_SIGNAL, lambda *_: shutdown_requested.set())
-    # Share the cores among the worker processes so two processes never oversubscribe them.
-    threads = max(1, (os.cpu_count() or 1) // get_settings().worker_concurrency)
+    # Share the cores among the pool processes so they never oversubscribe them: by the pool's real size (a
+    # `celery ... --concurrency N` command line sets no KILN_WORKER_CONCURRENCY), else by the setting.
+    threads = torch_threads(_pool_size or get_settings().worker_concurrency)
     torch.set_num_threads(threads)
     log.info("worker process ready: %d torch thread(s)", threads)
 
@@ -47,3 +83,30 @@ def _hand_back_running_jobs(sig=None, how=None, **_) -> None:
     for child in children:
         with contextlib.suppress(ProcessLookupError):
             os.kill(child.pid, HANDBACK_SIGNAL)
+
+
+_heartbeat = None  # worker.registry.Heartbeat, once the worker is ready
+
+
+@worker_ready.connect
+def _register(sender=None, **_) -> None:
+    # In the main process, which stays responsive while pool processes train: it keeps the registry fresh.
+    global _heartbeat
+    from worker.registry import Heartbeat
+
+    queues = sorted(sender.app.amqp.queues.consume_from or sender.app.amqp.queues)
+    _heartbeat = Heartbeat(get_settings(), sender.hostname, queues, sender.controller.concurrency)
+    _heartbeat.start()
+
+
+@worker_shutdown.connect
+def _unregister(**_) -> None:
+    if _heartbeat is not None:
+        _heartbeat.stop()
+
+
+@after_setup_logger.connect
+@after_setup_task_logger.connect
+def _json_logs(logger=None, **_) -> None:
+    if get_settings().log_format == "json":
+        use_json(logger)

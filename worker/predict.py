@@ -6,17 +6,18 @@ import numpy as np
 from torch import nn
 
 from kiln.settings import get_settings
-from kiln.storage import WEIGHTS, ArtifactStore
+from kiln.storage import WEIGHTS, make_store
 from models.weights import load_weights, predict_with_probabilities
 
 
 @lru_cache(maxsize=16)
 def _model(job_id: str) -> tuple[nn.Module, dict]:
     # A succeeded job's weights never change, so the job id is a sound cache key.
-    path = ArtifactStore(get_settings().artifacts_path).open_artifact(job_id, WEIGHTS)
-    if path is None:
+    file = make_store(get_settings()).open_artifact(job_id, WEIGHTS)
+    if file is None:
         raise FileNotFoundError(f"the weights of job {job_id} are missing from the artifact store")
-    return load_weights(path)
+    with file:
+        return load_weights(file.read())
 
 
 def predict_rows(job_id: str, inputs: list[list[float]]) -> dict:

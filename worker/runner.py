@@ -2,20 +2,22 @@
 
 Celery delivers at least once, so everything here is safe to run twice: the claim is one conditional
 UPDATE that only one delivery can win, and every later write is fenced by the lease token it got.
-Each epoch: checkpoint on disk (atomic) -> metrics row and checkpoint epoch in one fenced transaction
--> older checkpoint deleted. A new attempt resumes from the checkpoint the database recorded.
+Each epoch: checkpoint written to local scratch and put in the artifact store (whole, or not at all) -> metrics
+row and checkpoint epoch in one fenced transaction -> older checkpoints deleted. A new attempt, on any worker,
+fetches the checkpoint the database recorded from the store and resumes from it.
 """
 
 import contextlib
 import hashlib
 import logging
-import shutil
+import tempfile
 import threading
 import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from pathlib import Path
 from typing import Any, TypeVar
 
 import numpy as np
@@ -31,7 +33,7 @@ from kiln.dispatch import publish_job
 from kiln.history import record
 from kiln.settings import Settings, get_settings
 from kiln.spec import JobSpec
-from kiln.storage import ENCODER, WEIGHTS, ArtifactStore
+from kiln.storage import ENCODER, WEIGHTS, Store, StoreUnavailable, checkpoint_name, make_store
 from kiln.tables import Dataset, EpochMetric, Job, JobStatus
 from models.weights import encoder_weights, save_weights
 from worker.checkpoint import CheckpointError, load_checkpoint, save_checkpoint, spec_hash
@@ -51,6 +53,11 @@ class LeaseLost(Exception):
     """Another attempt owns this job now (or could not be told otherwise); stop without writing."""
 
 
+class NeedsGpu(Exception):
+    """A CUDA job reached a process without a GPU (routing keeps them apart; a misconfigured consumer does not).
+    The claim is not made: the message is acknowledged and the reconciler publishes the job again later."""
+
+
 @dataclass(frozen=True)
 class Claim:
     job_id: str
@@ -62,6 +69,7 @@ class Claim:
     resume_epoch: int  # the checkpoint to resume from; 0 means from scratch
     time_limit_s: int
     deadline: datetime  # the time limit, counted from the job's first start
+    queue: str = "kiln"  # where the job goes if it is handed back
     upload: Dataset | None = None  # the uploaded dataset the spec names, as it was validated; None: a built-in
 
 
@@ -75,14 +83,13 @@ def claim(job_id: str, worker: str, settings: Settings) -> Claim | None:
     with session_scope() as session:
         # Asked to stop while no worker held it (its worker was lost, or it was handed back): never train it.
         if session.execute(
-            update(Job).where(claimable, Job.cancel_requested.is_(True))
+            _update_job(claimable, Job.cancel_requested.is_(True))
             .values(status=JobStatus.cancelled, finished_at=now, lease_token=None, lease_expires_at=None)
         ).rowcount:
             record(session, job_id, "cancelled", "cancelled before it could resume", attempt=0, worker=worker)
             return None
         won = session.execute(
-            update(Job)
-            .where(claimable)
+            _update_job(claimable)
             .values(
                 status=JobStatus.running, attempt=Job.attempt + 1, lease_token=token,
                 lease_expires_at=now + timedelta(seconds=settings.lease_s), worker=worker,
@@ -93,8 +100,13 @@ def claim(job_id: str, worker: str, settings: Settings) -> Claim | None:
         if not won:
             return None
         job = session.get_one(Job, job_id)
+        requested = job.spec.get("resources", {}).get("device", "cpu")
+        if requested == "cuda" and not torch.cuda.is_available():
+            raise NeedsGpu(f"job {job_id} needs a CUDA GPU and worker {worker} has none: left queued; do not "
+                           f"start CPU-only workers on the queue {job.queue}")  # rolls the claim back
         resumed = f", resuming from the epoch-{job.checkpoint_epoch} checkpoint" if job.checkpoint_epoch else ""
-        record(session, job_id, "claimed", f"claimed by {worker} (attempt {job.attempt}){resumed}",
+        record(session, job_id, "claimed", f"claimed by {worker} on {_device_name(requested)} (attempt "
+               f"{job.attempt}){resumed}",
                attempt=job.attempt, worker=worker, epoch=job.checkpoint_epoch or None)
         # The spec is validated as at submit: against the owner's upload when it names one.
         name = job.spec["data"]["dataset"]
@@ -111,28 +123,48 @@ def claim(job_id: str, worker: str, settings: Settings) -> Claim | None:
         limit = job.spec.get("time_limit_s") or settings.default_time_limit_s
         return Claim(
             job_id, token, job.attempt, worker, spec, spec_hash(job.spec),
-            job.checkpoint_epoch, limit, job.started_at + timedelta(seconds=limit), upload,
+            job.checkpoint_epoch, limit, job.started_at + timedelta(seconds=limit), job.queue, upload,
         )
+
+
+def training_device(requested: str) -> torch.device:
+    """Where a job asking for device `requested` trains here: "cuda" and "auto" take this process's GPU
+    (CUDA_VISIBLE_DEVICES pins one per worker process) when it has one."""
+    return torch.device("cuda" if requested != "cpu" and torch.cuda.is_available() else "cpu")
+
+
+def _device_name(requested: str) -> str:
+    device = training_device(requested)
+    return f"cuda ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else "cpu"
+
+
+def _update_job(*criteria):
+    """An UPDATE of the jobs matching `criteria`. Runner sessions load the Job only after updating it, so there is
+    nothing in the session to synchronise: saying so skips SQLAlchemy's per-statement evaluation (~0.1-0.2 ms)."""
+    return update(Job).where(*criteria).execution_options(synchronize_session=False)
 
 
 def _fenced(claim: Claim):
     """An UPDATE of this job that matches only while this attempt still holds the lease."""
-    return update(Job).where(
-        Job.id == claim.job_id, Job.lease_token == claim.token, Job.status == JobStatus.running
-    )
+    return _update_job(Job.id == claim.job_id, Job.lease_token == claim.token, Job.status == JobStatus.running)
 
 
 def _retrying(write: Callable[[], T], settings: Settings, what: str) -> T:
-    """Ride out a database outage shorter than the lease; past that, another attempt takes over."""
+    """Ride out a database or artifact-store outage shorter than the lease. Past that, for the database another
+    attempt takes over; for the store the StoreUnavailable propagates and the job fails with its sentence."""
     deadline = time.monotonic() + settings.lease_s
     delay = 0.1
     while True:
         try:
             return write()
-        except (OperationalError, InterfaceError):
+        except (OperationalError, InterfaceError, StoreUnavailable) as exc:
+            store = isinstance(exc, StoreUnavailable)
             if time.monotonic() + delay > deadline:
+                if store:
+                    raise
                 raise LeaseLost(f"database unreachable for {settings.lease_s:.0f} s while {what}") from None
-            log.warning("database unreachable while %s; retrying in %.1f s", what, delay)
+            log.warning("%s unreachable while %s; retrying in %.1f s", "artifact store" if store else "database",
+                        what, delay)
             time.sleep(delay)
             delay = min(delay * 2, 1.0)
 
@@ -187,19 +219,21 @@ class Lease:
 class EpochRecorder:
     """The loop's callback: checkpoint, then the epoch's metrics and checkpoint epoch under the lease."""
 
-    def __init__(self, claim: Claim, store: ArtifactStore, settings: Settings) -> None:
+    def __init__(self, claim: Claim, store: Store, settings: Settings, scratch: Path) -> None:
         self.claim = claim
         self.store = store
         self.settings = settings
+        self.scratch = scratch
 
     def on_epoch_end(self, m: EpochMetrics, state: LoopState) -> None:
-        path = self.store.checkpoint_path(self.claim.job_id, m.epoch)
-        save_checkpoint(path, state.state_dict(), self.claim.spec_digest)
+        local = self.scratch / checkpoint_name(m.epoch)
+        save_checkpoint(local, state.state_dict(), self.claim.spec_digest)
+        # Stored before it is recorded: the database never names a checkpoint the store does not hold whole.
+        _retrying(lambda: self.store.put_checkpoint(self.claim.job_id, m.epoch, local), self.settings,
+                  f"storing the epoch-{m.epoch} checkpoint")
         _retrying(lambda: self._commit(m), self.settings, f"recording epoch {m.epoch}")
         # Only now is the new checkpoint the one a resumed attempt would use.
-        for old in self.store.checkpoint_dir(self.claim.job_id).glob("epoch-*.safetensors"):
-            if old != path:
-                old.unlink(missing_ok=True)
+        self.store.drop_checkpoints(self.claim.job_id, keep_epoch=m.epoch)
         log.info("job %s attempt %d epoch %d train_loss %.4f", self.claim.job_id, self.claim.attempt, m.epoch,
                  m.train_loss)
 
@@ -246,7 +280,11 @@ def _finish(
 def run_job(job_id: str, worker: str, settings: Settings | None = None) -> JobStatus | None:
     """Claim and train one job; returns its final status, or None if this delivery had nothing to do."""
     settings = settings or get_settings()
-    job_claim = claim(job_id, worker, settings)
+    try:
+        job_claim = claim(job_id, worker, settings)
+    except NeedsGpu as exc:
+        log.error("%s", exc)
+        return None
     if job_claim is None:
         log.info("job %s: not claimable (taken, finished or cancelled); acknowledging", job_id)
         return None
@@ -256,8 +294,15 @@ def run_job(job_id: str, worker: str, settings: Settings | None = None) -> JobSt
         with Lease(job_claim, settings) as lease:
             return _train(job_claim, lease, settings)
     except LeaseLost as exc:
-        log.warning("job %s: attempt %d stopped without writing (%s)", job_id, job_claim.attempt, exc or "superseded")
+        log.warning("job %s: attempt %d stopped without writing (%s)", job_id, job_claim.attempt,
+                    str(exc) or "superseded")
         return None
+    except StoreUnavailable as exc:  # unreachable for longer than the lease: say so, rather than "unexpected"
+        log.error("job %s: %s", job_id, exc)
+        with contextlib.suppress(LeaseLost):
+            error = f"the artifact store was unavailable for over {settings.lease_s:.0f} s: {exc}"
+            _finish(job_claim, settings, JobStatus.failed, error, None, finished_at=utcnow(), error=error)
+        return JobStatus.failed
     except Exception as exc:  # a bug or a resource error: fail the job with a sentence, not silence
         log.exception("job %s: training crashed", job_id)
         with contextlib.suppress(LeaseLost):
@@ -266,13 +311,14 @@ def run_job(job_id: str, worker: str, settings: Settings | None = None) -> JobSt
         return JobStatus.failed
 
 
-def _load_upload(upload: Dataset, store: ArtifactStore) -> tuple[np.ndarray, np.ndarray, DatasetInfo]:
+def _load_upload(upload: Dataset, store: Store) -> tuple[np.ndarray, np.ndarray, DatasetInfo]:
     """An uploaded dataset's arrays (safetensors: no pickle), checked against the record the spec was
     validated with."""
-    path = store.open_dataset(upload.id)
-    if path is None:
+    file = store.open_dataset(upload.id)
+    if file is None:
         raise RuntimeError(f"the file of dataset {upload.id} is missing from the artifact store")
-    data = path.read_bytes()
+    with file:
+        data = file.read()
     if hashlib.sha256(data).hexdigest() != upload.sha256:
         raise RuntimeError(f"the file of dataset {upload.id} is damaged: its sha256 is not the upload's")
     info = upload.info()
@@ -284,21 +330,32 @@ def _load_upload(upload: Dataset, store: ArtifactStore) -> tuple[np.ndarray, np.
 
 
 def _train(claim: Claim, lease: Lease, settings: Settings) -> JobStatus:
+    # Files are written to local scratch and handed to the store, which may be on another machine (S3). One
+    # directory per attempt: a superseded attempt still running on this host never touches its successor's files.
+    (settings.data_dir / "scratch").mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=settings.data_dir / "scratch", prefix=f"{claim.job_id}.") as scratch:
+        return _train_in(claim, lease, settings, make_store(settings), Path(scratch))
+
+
+def _train_in(claim: Claim, lease: Lease, settings: Settings, store: Store, scratch: Path) -> JobStatus:
     spec = claim.spec
-    store = ArtifactStore(settings.artifacts_path)
-    store.checkpoint_dir(claim.job_id).mkdir(parents=True, exist_ok=True)
     dataset = _load_upload(claim.upload, store) if claim.upload else None
-    job = prepare(spec, torch.device("cpu"), dataset=dataset)
+    job = prepare(spec, training_device(spec.resources.device), dataset=dataset)
     resume = None
     if claim.resume_epoch:
+        local = scratch / checkpoint_name(claim.resume_epoch)
         try:
-            resume = load_checkpoint(store.checkpoint_path(claim.job_id, claim.resume_epoch), claim.spec_digest)
+            if not store.fetch_checkpoint(claim.job_id, claim.resume_epoch, local):
+                raise FileNotFoundError(f"the artifact store has no {local.name}")
+            resume = load_checkpoint(local, claim.spec_digest)
         except (CheckpointError, FileNotFoundError) as exc:
             raise RuntimeError(f"the epoch-{claim.resume_epoch} checkpoint cannot be read ({exc})") from exc
+        local.unlink()
 
-    recorder = EpochRecorder(claim, store, settings)
+    recorder = EpochRecorder(claim, store, settings, scratch)
     try:
-        result = fit(job.model, job.data, spec, callbacks=[recorder], should_stop=lease.should_stop, resume=resume)
+        result = fit(job.model, job.data, spec, callbacks=[recorder], should_stop=lease.should_stop, resume=resume,
+                     bf16=spec.resources.precision == "bf16")
     except DivergedError as exc:
         _finish(claim, settings, JobStatus.failed, str(exc), exc.epoch, finished_at=utcnow(), error=str(exc))
         return JobStatus.failed
@@ -322,16 +379,19 @@ def _train(claim: Claim, lease: Lease, settings: Settings) -> JobStatus:
             _finish(claim, settings, JobStatus.queued,
                     f"handed back by {claim.worker} (shutting down) after epoch {done}", done, worker=None,
                     published_at=None)
-            publish_job(claim.job_id)  # if the broker is unreachable, the reconciler publishes it later
+            publish_job(claim.job_id, claim.queue)  # if the broker is unreachable, the reconciler publishes it later
             return JobStatus.queued
 
     meta = job.meta | {"job_id": claim.job_id}
-    sha256 = save_weights(store.path(claim.job_id, WEIGHTS), job.model, meta)
+    sha256 = save_weights(scratch / WEIGHTS, job.model, meta)
+    _retrying(lambda: store.put_artifact(claim.job_id, WEIGHTS, scratch / WEIGHTS), settings, "storing the weights")
     if spec.model.type == "autoencoder":  # the encoder alone is what embeds new rows
-        save_weights(store.path(claim.job_id, ENCODER), *encoder_weights(job.model, meta))
+        save_weights(scratch / ENCODER, *encoder_weights(job.model, meta))
+        _retrying(lambda: store.put_artifact(claim.job_id, ENCODER, scratch / ENCODER), settings,
+                  "storing the encoder")
     early = result.stopped.removeprefix("early_stopping: ") if result.stopped else None
     message = f"succeeded after {done} epochs" + (f"; stopped early: {early}" if early else "")
     _finish(claim, settings, JobStatus.succeeded, message, done, finished_at=utcnow(), weights_sha256=sha256,
             stop_reason=early, lr_search=result.lr_search)
-    shutil.rmtree(store.checkpoint_dir(claim.job_id), ignore_errors=True)  # a finished job never resumes
+    store.drop_checkpoints(claim.job_id)  # a finished job never resumes
     return JobStatus.succeeded

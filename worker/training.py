@@ -6,7 +6,9 @@ as one that never stopped. Everything an epoch reports (loss, gradient norms, ac
 on the device and read with one host sync per epoch, and one more for the validation pass.
 """
 
+import contextlib
 import copy
+import functools
 import math
 import random
 import time
@@ -175,15 +177,18 @@ def make_optimizer(
     lr = spec.lr if lr is None else lr
     if lr == "auto":
         raise ValueError("optimizer.lr is 'auto': pass the rate lr_range_test chose")
+    # SGD, Adam and AdamW take the fused kernels: one call updates every parameter, where the default
+    # implementation on CPU loops over the parameters in Python (Adam: ~3x faster per step on CPU).
+    # The same algorithm; results differ from the unfused one only in the last bits of rounding.
     match spec.type:
         case "sgd":
             return torch.optim.SGD(params, lr=lr, momentum=spec.momentum, nesterov=spec.nesterov,
-                                   weight_decay=spec.weight_decay)
+                                   weight_decay=spec.weight_decay, fused=True)
         case "adam":
-            return torch.optim.Adam(params, lr=lr, weight_decay=spec.weight_decay)
+            return torch.optim.Adam(params, lr=lr, weight_decay=spec.weight_decay, fused=True)
         case "adamw":
-            return torch.optim.AdamW(params, lr=lr, weight_decay=spec.weight_decay)
-        case "rmsprop":
+            return torch.optim.AdamW(params, lr=lr, weight_decay=spec.weight_decay, fused=True)
+        case "rmsprop":  # no fused kernel in torch
             return torch.optim.RMSprop(params, lr=lr, alpha=spec.alpha, momentum=spec.momentum,
                                        weight_decay=spec.weight_decay)
     raise ValueError(f"unknown optimizer {spec.type!r}")
@@ -191,14 +196,28 @@ def make_optimizer(
 
 def _correct(out: torch.Tensor, target: torch.Tensor, loss: str) -> torch.Tensor:
     """How many rows the outputs classify right, as a tensor on the device."""
+    return (_predicted(out, loss) == target).sum()
+
+
+def _predicted(out: torch.Tensor, loss: str) -> torch.Tensor:
+    """The class each output row predicts, shaped and typed as the targets of that loss are."""
     if loss == "bce":  # one logit: positive means class 1
-        return ((out > 0).float() == target).sum()
-    return (out.argmax(dim=1) == target).sum()
+        return (out > 0).float()
+    return out.argmax(dim=1)
 
 
 def grad_norms(params: Sequence[nn.Parameter]) -> torch.Tensor:
     """Each parameter's gradient L2 norm (0 for one without a gradient), stacked on the device: no sync."""
-    return torch.stack([torch.linalg.vector_norm(p.grad) if p.grad is not None else p.new_zeros(()) for p in params])
+    return torch.stack(_grad_norm_list(params))
+
+
+def _grad_norm_list(params: Sequence[nn.Parameter]) -> list[torch.Tensor]:
+    """grad_norms, unstacked: the loop stacks a whole epoch's at once."""
+    grads = [p.grad if p.grad is not None else p.new_zeros(()) for p in params]
+    if grads[0].device.type == "cpu":  # measured: on CPU one norm per tensor is faster than the multi-tensor op
+        return [torch.linalg.vector_norm(g) for g in grads]
+    # On an accelerator: one multi-tensor kernel launch for all the parameters (torch's clip_grad uses it too).
+    return torch._foreach_norm(grads)
 
 
 def _permutation(n: int, seed: int, epoch: int) -> torch.Tensor:
@@ -213,6 +232,8 @@ def fit(
     callbacks: Sequence[Callback] = (),
     should_stop: Callable[[], str | None] = lambda: None,
     resume: dict[str, Any] | None = None,
+    bf16: bool = False,
+    compile_mode: str | None = None,
 ) -> FitResult:
     """Train `model` (already on the data's device) up to spec.epochs.
 
@@ -220,6 +241,10 @@ def fit(
     same weights, optimizer, schedule and early-stopping state and RNG states. `should_stop` is polled at
     every batch boundary and returns a reason to stop (e.g. "cancelled"), or None. With optimizer.lr "auto"
     a fresh run starts with lr_range_test. Raises DivergedError when a loss is not finite.
+
+    For accelerators (both off by default, and on CPU): `bf16` runs the forward pass and the loss under bf16
+    autocast (weights, gradients and optimizer state stay float32); `compile_mode` compiles the forward pass
+    and the loss with torch.compile in that mode ("default", "max-autotune", "reduce-overhead" for CUDA graphs).
     """
     if data.x_val is None and (spec.early_stopping is not None or spec.scheduler.type == "plateau"):
         raise ValueError("early_stopping and the plateau scheduler watch the validation loss: give a validation split")
@@ -247,6 +272,14 @@ def fit(
     weights[-1] = (n - bs * (n_batches - 1)) / n
     names, params = zip(*[(name, p) for name, p in model.named_parameters() if p.requires_grad], strict=True)
     classifying = spec.loss in ("bce", "cross_entropy")
+    autocast = functools.partial(torch.autocast, device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext
+
+    def forward(inputs: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        out = model(inputs)
+        return out, loss_fn(out, target)
+
+    if compile_mode is not None:
+        forward = torch.compile(forward, mode=compile_mode)
 
     history: list[EpochMetrics] = []
     model.train()
@@ -254,37 +287,45 @@ def fit(
         t0 = time.perf_counter()
         lr = optimizer.param_groups[0]["lr"]
         order = _permutation(n, spec.seed, epoch).to(device)
-        # Kept on the device, so no batch waits for the host.
-        batch_losses = torch.empty(n_batches, device=device)
-        batch_grad_norms = torch.empty(n_batches, device=device)
-        layer_norms = torch.zeros(len(params), device=device)
-        correct = torch.zeros((), device=device)
-        for i in range(n_batches):
+        # Each batch's loss, gradient norms and predictions stay on the device, stacked once the epoch is over:
+        # no batch waits for the host.
+        losses: list[torch.Tensor] = []
+        norms: list[list[torch.Tensor]] = []
+        predictions: list[torch.Tensor] = []
+        for idx in order.split(bs):
             if reason := should_stop():
                 return FitResult(history, reason, lr_search)
-            idx = order[i * bs : (i + 1) * bs]
-            out, target = model(data.x_train[idx]), data.y_train[idx]
-            loss = loss_fn(out, target)
+            # index_select: the same rows as x[idx], gathered ~4x faster on CPU.
+            inputs, target = data.x_train.index_select(0, idx), data.y_train.index_select(0, idx)
+            if compile_mode is not None:
+                torch.compiler.cudagraph_mark_step_begin()  # a new step: CUDA graphs may reuse their output buffers
+            with autocast():
+                out, loss = forward(inputs, target)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            norms = grad_norms(params)
-            total = torch.linalg.vector_norm(norms)
+            layer_norms = _grad_norm_list(params)
             if spec.grad_clip is not None:
+                total = torch.linalg.vector_norm(torch.stack(layer_norms))
                 torch.nn.utils.clip_grads_with_norm_(params, spec.grad_clip, total)
             optimizer.step()
             schedule.after_batch()
-            batch_losses[i] = loss.detach()
-            batch_grad_norms[i] = total
-            layer_norms += norms
+            # A CUDA graph overwrites its outputs at its next replay: keep a copy of the loss when compiled.
+            losses.append(loss.detach().clone() if compile_mode is not None else loss.detach())
+            norms.append(layer_norms)
             if classifying:
-                correct += _correct(out.detach(), target, spec.loss)
+                predictions.append(_predicted(out.detach(), spec.loss))
 
         # The running mean turns non-finite exactly at the first bad batch, so one sync reads the
         # epoch's numbers and, only when it went wrong, a second one names the culprit.
-        running = torch.cumsum(batch_losses * weights, dim=0)
-        train_loss, grad_norm, train_accuracy, *per_layer = torch.cat(
-            [running[-1:], batch_grad_norms.mean().view(1), (correct / n).view(1), layer_norms / n_batches]
-        ).tolist()
+        running = torch.cumsum(torch.stack(losses).float() * weights, dim=0)
+        batch_norms = torch.stack([norm for layers in norms for norm in layers]).view(-1, len(params))  # batch x param
+        correct = (torch.cat(predictions) == data.y_train[order]).sum() if classifying else running.new_zeros(())
+        train_loss, grad_norm, train_accuracy, *per_layer = torch.cat([
+            running[-1:],
+            torch.linalg.vector_norm(batch_norms, dim=1).mean().view(1),  # each batch's total, then their mean
+            (correct / n).view(1),
+            batch_norms.mean(dim=0),
+        ]).tolist()
         if not math.isfinite(train_loss):
             bad = int(torch.nonzero(~torch.isfinite(running))[0]) + 1
             raise DivergedError(epoch, bad, running[bad - 1].item())
@@ -292,7 +333,8 @@ def fit(
 
         val_loss = val_accuracy = val_r2 = None
         if data.x_val is not None and data.y_val is not None:
-            val_loss, val_accuracy, val_r2 = evaluate(model, loss_fn, data.x_val, data.y_val, spec.loss, data.task)
+            with autocast():
+                val_loss, val_accuracy, val_r2 = evaluate(model, loss_fn, data.x_val, data.y_val, spec.loss, data.task)
             if not math.isfinite(val_loss):  # the epoch's last step broke the weights
                 raise DivergedError(epoch, n_batches, val_loss, what="validation loss")
 

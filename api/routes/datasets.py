@@ -5,14 +5,27 @@ from typing import Annotated
 from fastapi import APIRouter, File, Form, Query, Request, Response, UploadFile, status
 
 from api.deps import OwnerDep, SessionDep
-from api.schemas import DatasetList, DatasetOut
+from api.schemas import DatasetList, DatasetOut, error_responses
 from api.services import datasets as service
 from api.services.datasets import RequestedTask
 
 router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
 
 
-@router.post("", status_code=status.HTTP_201_CREATED, response_model=DatasetOut)
+@router.post(
+    "",
+    status_code=status.HTTP_201_CREATED,
+    response_model=DatasetOut,
+    operation_id="uploadDataset",
+    responses={
+        201: {
+            "description": "The dataset, stored.",
+            "headers": {"Location": {"description": "The dataset's URL.", "schema": {"type": "string"}}},
+            "links": {"GetDataset": {"operationId": "getDataset", "parameters": {"dataset_id": "$response.body#/id"}}},
+        },
+        **error_responses(400, 413),
+    },
+)
 def upload_dataset(
     request: Request,
     session: SessionDep,
@@ -34,7 +47,7 @@ def upload_dataset(
     return DatasetOut.model_validate(dataset)
 
 
-@router.get("", response_model=DatasetList)
+@router.get("", response_model=DatasetList, operation_id="listDatasets", responses=error_responses())
 def list_datasets(
     session: SessionDep,
     owner: OwnerDep,
@@ -45,6 +58,6 @@ def list_datasets(
     return DatasetList(items=[DatasetOut.model_validate(d) for d in rows], next_cursor=next_cursor)
 
 
-@router.get("/{dataset_id}", response_model=DatasetOut)
+@router.get("/{dataset_id}", response_model=DatasetOut, operation_id="getDataset", responses=error_responses(404))
 def get_dataset(dataset_id: str, session: SessionDep, owner: OwnerDep) -> DatasetOut:
     return DatasetOut.model_validate(service.get_dataset(session, owner, dataset_id))

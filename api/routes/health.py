@@ -6,18 +6,30 @@ from fastapi.responses import JSONResponse
 from sqlalchemy import text
 
 from api.errors import error_response
+from api.schemas import ErrorResponse, Readiness
 from kiln.db import get_engine
 from kiln.settings import get_settings
 
 router = APIRouter(tags=["operations"])
 
 
-@router.get("/healthz")
+@router.get("/healthz", operation_id="healthz")
 def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
 
-@router.get("/readyz")
+@router.get(
+    "/readyz",
+    operation_id="readyz",
+    response_model=Readiness,
+    responses={
+        503: {
+            "model": ErrorResponse,
+            "description": "The database or the broker cannot be reached; `details` says which.",
+            "headers": {"Retry-After": {"description": "Seconds to wait.", "schema": {"type": "integer"}}},
+        }
+    },
+)
 def readyz() -> JSONResponse:
     checks = {"database": _check_database(), "broker": _check_broker()}
     failing = [name for name, ok in checks.items() if not ok]

@@ -25,7 +25,7 @@ from api.services.pagination import decode_cursor, encode_cursor
 from kiln.catalog import Task
 from kiln.db import utcnow
 from kiln.settings import get_settings
-from kiln.storage import ArtifactStore, write_atomically
+from kiln.storage import Store, is_id
 from kiln.tables import Dataset
 
 RequestedTask = Literal["auto", "classification", "binary", "regression"]
@@ -265,14 +265,14 @@ def parse_upload(file: BinaryIO, task: RequestedTask, target: str | None, max_by
 
 
 def create_dataset(
-    session: Session, store: ArtifactStore, owner: str, *, name: str, task: RequestedTask, target: str | None,
+    session: Session, store: Store, owner: str, *, name: str, task: RequestedTask, target: str | None,
     file: BinaryIO,
 ) -> Dataset:
     parsed = parse_upload(file, task, target, get_settings().max_upload_bytes)
     dataset_id = str(uuid.uuid4())
     data = save({"x": parsed.x, "y": parsed.y}, metadata={"format": FORMAT})
     # The file first: a row never names a file that is not there (a failed commit leaves an unnamed file).
-    write_atomically(store.dataset_path(dataset_id), data)
+    store.put_dataset(dataset_id, data)
     dataset = Dataset(
         id=dataset_id, owner=owner, name=name, task=parsed.task, rows=parsed.x.shape[0],
         features=parsed.x.shape[1], classes=parsed.classes, labels=parsed.labels, input_shape=[parsed.x.shape[1]],
@@ -284,9 +284,11 @@ def create_dataset(
 
 
 def get_dataset(session: Session, owner: str, dataset_id: str) -> Dataset:
+    if not is_id(dataset_id):
+        raise NotFound(f"No dataset with id {dataset_id[:100]!r}.")
     dataset = session.scalar(select(Dataset).where(Dataset.id == dataset_id, Dataset.owner == owner))
     if dataset is None:
-        raise NotFound(f"No dataset with id {dataset_id!r}.")
+        raise NotFound(f"No dataset with id {dataset_id[:100]!r}.")
     return dataset
 
 

@@ -1,28 +1,34 @@
 """Job operations behind the routes: plain functions over a Session, scoped by owner in every query."""
 
 import hashlib
+import json
 import logging
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
+from typing import BinaryIO
 
 from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
-from sqlalchemy import and_, case, literal, select, update
+from sqlalchemy import Text, and_, bindparam, case, cast, func, literal, literal_column, select, text, update
+from sqlalchemy.dialects.postgresql import aggregate_order_by
+from sqlalchemy.engine import Row
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from api.errors import Conflict, InvalidRequest, NotFound
+from api.errors import Conflict, InvalidRequest, NotFound, TooManyRequests
+from api.schemas import EpochMetrics, JobMetrics, JobOut
 from api.services.pagination import decode_cursor, encode_cursor
-from kiln.catalog import BUILTIN_DATASETS
-from kiln.db import UTCDateTime, utcnow
-from kiln.dispatch import publish_job
+from kiln.catalog import BUILTIN_DATASETS, DatasetInfo
+from kiln.db import UTCDateTime, autocommit_connection, get_sessionmaker, utcnow
+from kiln.dispatch import publish_job, train_queue
 from kiln.history import record
-from kiln.settings import get_settings
-from kiln.spec import JobSpec
-from kiln.storage import ENCODER, WEIGHTS, ArtifactStore
+from kiln.model_size import estimate_parameters, output_size
+from kiln.settings import Settings, get_settings
+from kiln.spec import JobSpec, training_task
+from kiln.storage import ENCODER, WEIGHTS, Store, is_id
 from kiln.tables import Dataset, EpochMetric, Job, JobEvent, JobStatus
+from kiln.workers import waiting_reasons
 
 log = logging.getLogger("kiln.api.jobs")
 
@@ -36,23 +42,21 @@ class Created:
 def create_job(session: Session, owner: str, spec: JobSpec, idempotency_key: str | None) -> Created:
     if idempotency_key and (earlier := _by_idempotency_key(session, owner, idempotency_key)):
         return Created(earlier, new=False)
-    spec = _checked_against_upload(session, owner, spec)
     settings = get_settings()
-    if spec.time_limit_s is not None and spec.time_limit_s > settings.max_time_limit_s:
-        raise InvalidRequest(
-            f"time_limit_s may be at most {settings.max_time_limit_s} s on this server; ask for less.",
-            details=[{"field": "body.time_limit_s", "message": f"at most {settings.max_time_limit_s}"}],
-        )
+    spec, dataset = _checked_against_dataset(session, owner, spec)
+    _check_bounds(spec, dataset, settings)
     # The stored spec is the normalised one: every default filled in, the server's time limit too.
     spec = spec.model_copy(update={"time_limit_s": spec.time_limit_s or settings.default_time_limit_s})
     job = Job(
         id=str(uuid.uuid4()), owner=owner, name=spec.name, status=JobStatus.queued,
-        spec=spec.model_dump(mode="json"), idempotency_key=idempotency_key, created_at=utcnow(),
+        spec=spec.model_dump(mode="json"), queue=train_queue(settings, spec.resources),
+        idempotency_key=idempotency_key, created_at=utcnow(),
         epochs_completed=0, checkpoint_epoch=0, attempt=0, cancel_requested=False,
     )
     session.add(job)
     record(session, job.id, "queued", "submitted", attempt=0)
     try:
+        _check_active_limit(session, owner, settings.max_active_jobs)
         session.commit()
     except IntegrityError:
         # Two requests raced with the same key: the other one's job is the answer.
@@ -60,25 +64,67 @@ def create_job(session: Session, owner: str, spec: JobSpec, idempotency_key: str
         if idempotency_key and (earlier := _by_idempotency_key(session, owner, idempotency_key)):
             return Created(earlier, new=False)
         raise
+    except TooManyRequests:
+        session.rollback()
+        raise
     # Publish only after the commit, so a worker can never receive an id the database lacks.
-    publish_job(job.id)
+    publish_job(job.id, job.queue)
     return Created(job, new=True)
 
 
-def _checked_against_upload(session: Session, owner: str, spec: JobSpec) -> JobSpec:
-    """The route validated the spec without uploads, where an upload's id passes provisionally: validate it
-    again with the owner's dataset of that id, so the loss and model checks apply. An unknown id, or another
-    owner's, is refused at body.data.dataset as an unknown name is."""
+def _checked_against_dataset(session: Session, owner: str, spec: JobSpec) -> tuple[JobSpec, DatasetInfo]:
+    """The spec and its dataset. The route validated the spec without uploads, where an upload's id passes
+    provisionally: validate it again with the owner's dataset of that id, so the loss and model checks apply.
+    An unknown id, or another owner's, is refused at body.data.dataset as an unknown name is."""
     name = spec.data.dataset
     if name in BUILTIN_DATASETS:
-        return spec
+        return spec, BUILTIN_DATASETS[name]
     upload = session.scalar(select(Dataset).where(Dataset.id == name, Dataset.owner == owner))
     body = spec.model_dump(mode="json")
     try:
-        return JobSpec.model_validate(body, context={"datasets": {name: upload.info()} if upload else {}})
+        spec = JobSpec.model_validate(body, context={"datasets": {name: upload.info()} if upload else {}})
     except ValidationError as exc:
         errors = [{**e, "loc": ("body", *e["loc"])} for e in exc.errors()]
         raise RequestValidationError(errors, body=body) from None
+    return spec, upload.info()
+
+
+def _refuse(field: str, message: str) -> InvalidRequest:
+    return InvalidRequest(message, details=[{"field": f"body.{field}", "message": message}])
+
+
+def _check_bounds(spec: JobSpec, dataset: DatasetInfo, settings: Settings) -> None:
+    """What one job may cost this server, from the spec alone: nothing is allocated to find out."""
+    if spec.time_limit_s is not None and spec.time_limit_s > settings.max_time_limit_s:
+        raise _refuse("time_limit_s", f"time_limit_s may be at most {settings.max_time_limit_s} s on this server; "
+                                      "ask for less.")
+    out = output_size(training_task(spec.model, dataset), dataset.classes, spec.loss, dataset.features)
+    parameters = estimate_parameters(spec.model, dataset.input_shape, out)
+    if parameters > settings.max_parameters:
+        raise _refuse("model", f"This model would have {parameters:,} parameters on dataset {dataset.name!r}; this "
+                               f"server allows {settings.max_parameters:,}. Use fewer or narrower layers.")
+    rows = spec.data.samples or dataset.rows
+    if spec.epochs * rows > settings.max_epoch_rows:
+        raise _refuse("epochs", f"{spec.epochs:,} epochs over {rows:,} rows is {spec.epochs * rows:,} rows of "
+                                f"training; this server allows {settings.max_epoch_rows:,} per job. Ask for at most "
+                                f"{settings.max_epoch_rows // rows:,} epochs.")
+
+
+def _check_active_limit(session: Session, owner: str, limit: int) -> None:
+    """Counts the owner's queued and running jobs, the new one included (it is flushed first). Concurrent submits
+    are serialised per owner: by an advisory lock on PostgreSQL, and on SQLite by the write lock the INSERT took."""
+    if session.get_bind().dialect.name == "postgresql":
+        session.execute(text("SELECT pg_advisory_xact_lock(hashtext(:owner))"), {"owner": owner})
+    session.flush()
+    active = session.scalar(
+        select(func.count()).select_from(Job)
+        .where(Job.owner == owner, Job.status.in_((JobStatus.queued, JobStatus.running)))
+    )
+    if active > limit:
+        raise TooManyRequests(
+            f"You have {limit} jobs queued or running, the most this server allows at once; wait for one to finish "
+            "or cancel one, then submit again.", retry_after_s=30,
+        )
 
 
 def _by_idempotency_key(session: Session, owner: str, key: str) -> Job | None:
@@ -86,10 +132,63 @@ def _by_idempotency_key(session: Session, owner: str, key: str) -> Job | None:
 
 
 def get_job(session: Session, owner: str, job_id: str) -> Job:
+    _check_id(job_id)
     job = session.scalar(select(Job).where(Job.id == job_id, Job.owner == owner))
     if job is None:
-        raise NotFound(f"No job with id {job_id!r}.")
+        raise _no_job(job_id)
     return job
+
+
+def _check_id(job_id: str) -> None:
+    if not is_id(job_id):  # not one kiln issued: no such job, and nothing odd reaches the database
+        raise _no_job(job_id)
+
+
+def _no_job(job_id: str) -> NotFound:
+    return NotFound(f"No job with id {job_id[:100]!r}.")
+
+
+def with_latest_metrics():
+    """Jobs, each with its latest epoch (None before the first) in the same row: one query, not one per job."""
+    latest = and_(EpochMetric.job_id == Job.id, EpochMetric.epoch == Job.epochs_completed)
+    return select(Job, EpochMetric).outerjoin(EpochMetric, latest)
+
+
+# GET /v1/jobs/{id} is the route clients poll, so its read is cut down (BENCHMARKS.md, section 5, has what each
+# cut bought): one Core statement built once, not per request (building it and its cache key was a fifth of the
+# route's CPU); plain rows, not ORM objects; an autocommit connection, not a session (one round trip: no BEGIN,
+# no ROLLBACK). The row carries every column of the job under its own name, and the latest epoch's columns
+# as latest_<name>.
+_LATEST = list(EpochMetrics.model_fields)
+_job, _epoch = Job.__table__, EpochMetric.__table__
+_POLLED = (
+    select(_job, *(_epoch.c[name].label(f"latest_{name}") for name in _LATEST))
+    .outerjoin(_epoch, and_(_epoch.c.job_id == _job.c.id, _epoch.c.epoch == _job.c.epochs_completed))
+    .where(_job.c.id == bindparam("job_id"), _job.c.owner == bindparam("owner"))
+)
+
+
+def job_json(owner: str, job_id: str) -> bytes:
+    """GET /v1/jobs/{id}: the job and its latest epoch in one query, serialised once. The row stands in for the
+    Job: it has the job's columns under their names, which is what JobOut.of and waiting() read."""
+    _check_id(job_id)
+    with autocommit_connection() as conn:
+        job = conn.execute(_POLLED, {"job_id": job_id, "owner": owner}).first()
+        if job is None:
+            raise _no_job(job_id)
+        latest = None
+        if job.latest_epoch is not None:
+            latest = EpochMetrics(**{name: job._mapping[f"latest_{name}"] for name in _LATEST})
+        reason = None
+        if job.status == JobStatus.queued:  # waiting() has nothing to say about the others
+            with Session(conn) as session:
+                reason = waiting(session, [job]).get(job.id)
+    return JobOut.of(job, latest, reason).model_dump_json().encode()
+
+
+def waiting(session: Session, jobs: list[Job]) -> dict[str, str]:
+    """Why the queued ones among `jobs` cannot start yet, by id (no query unless one is queued)."""
+    return waiting_reasons(session, jobs, get_settings().lease_s)
 
 
 def latest_metrics(session: Session, job: Job) -> EpochMetric | None:
@@ -104,8 +203,7 @@ def list_jobs(
 ) -> tuple[list[tuple[Job, EpochMetric | None]], str | None]:
     """Newest first, with each job's latest metrics joined in one query; keyset pagination."""
     query = (
-        select(Job, EpochMetric)
-        .outerjoin(EpochMetric, and_(EpochMetric.job_id == Job.id, EpochMetric.epoch == Job.epochs_completed))
+        with_latest_metrics()
         .where(Job.owner == owner)
         .order_by(Job.created_at.desc(), Job.id.desc())
         .limit(limit + 1)
@@ -128,14 +226,74 @@ def list_jobs(
     return rows, next_cursor
 
 
-def job_metrics(session: Session, owner: str, job_id: str, since: int) -> list[EpochMetric]:
-    get_job(session, owner, job_id)
-    query = (
-        select(EpochMetric)
-        .where(EpochMetric.job_id == job_id, EpochMetric.epoch > since)
-        .order_by(EpochMetric.epoch)
-    )
-    return list(session.scalars(query))
+# The columns EpochMetrics shows, read as plain rows and written straight to JSON: ORM objects and validation
+# were nearly all of a long history's cost (the database typed every value already).
+_METRIC_NAMES = list(EpochMetrics.model_fields)
+_METRIC_COLUMNS = [getattr(EpochMetric, name) for name in _METRIC_NAMES]
+
+
+def job_metrics_json(owner: str, job_id: str, since: int, max_points: int | None = None) -> bytes:
+    with get_sessionmaker()() as session:
+        get_job(session, owner, job_id)
+        if not max_points and session.get_bind().dialect.name == "postgresql":
+            epochs = session.scalar(_postgres_metrics_array(job_id, since))
+            if '"NaN"' not in epochs and 'Infinity"' not in epochs:  # else: the path below writes null
+                return f'{{"job_id":{json.dumps(job_id)},"epochs":{epochs}}}'.encode()
+        rows = session.execute(
+            select(*_METRIC_COLUMNS)
+            .where(EpochMetric.job_id == job_id, EpochMetric.epoch > since)
+            .order_by(EpochMetric.epoch)
+        ).all()
+    if max_points:
+        rows = downsample(rows, max_points)
+    body = {"job_id": job_id, "epochs": [dict(zip(_METRIC_NAMES, row, strict=True)) for row in rows]}
+    try:
+        return json.dumps(body, allow_nan=False, separators=(",", ":")).encode()
+    except ValueError:  # a non-finite value: pydantic writes it as null, as the other routes do
+        return JobMetrics.model_validate(body).model_dump_json().encode()
+
+
+def _postgres_metrics_array(job_id: str, since: int):
+    """PostgreSQL renders the whole array, in epoch order (each row as compact JSON): no row reaches Python."""
+    rows = select(*_METRIC_COLUMNS).where(EpochMetric.job_id == job_id, EpochMetric.epoch > since).subquery("m")
+    array = func.json_agg(aggregate_order_by(rows.table_valued(), rows.c.epoch))
+    return select(cast(func.coalesce(array, literal_column("'[]'::json")), Text))
+
+
+def downsample(rows: list[Row], max_points: int) -> list[Row]:
+    """At most max_points of rows, keeping the first and last and, in each of equal buckets between, the epochs
+    of the lowest and highest train and validation loss: a spike survives, however long the history."""
+    if len(rows) <= max_points:
+        return rows
+    keep = {0, len(rows) - 1}
+    buckets = max(1, (max_points - 2) // 4)
+    size = (len(rows) - 2) / buckets
+    for b in range(buckets):
+        chunk = range(1 + int(b * size), 1 + int((b + 1) * size))
+        if not chunk:
+            continue
+        for series in ("train_loss", "val_loss"):
+            points = [i for i in chunk if getattr(rows[i], series) is not None]
+            if points:
+                keep.add(min(points, key=lambda i, s=series: getattr(rows[i], s)))
+                keep.add(max(points, key=lambda i, s=series: getattr(rows[i], s)))
+    return [rows[i] for i in sorted(keep)]
+
+
+def job_log(session: Session, owner: str, job_id: str) -> str:
+    """The job's log as text: every transition and every epoch, in time order."""
+    job = get_job(session, owner, job_id)
+    lines: list[tuple] = []
+    for event in session.scalars(select(JobEvent).where(JobEvent.job_id == job_id).order_by(JobEvent.id)):
+        lines.append((event.at, 0, event.id, f"{event.kind:<16} {event.message}"))
+    epochs = job.spec.get("epochs", 0)
+    for m in session.scalars(select(EpochMetric).where(EpochMetric.job_id == job_id).order_by(EpochMetric.epoch)):
+        parts = [f"epoch {m.epoch}/{epochs}", f"train_loss {m.train_loss:.6g}"]
+        parts += [f"{name} {value:.6g}" for name, value in (("val_loss", m.val_loss), ("val_accuracy", m.val_accuracy))
+                  if value is not None]
+        parts += [f"lr {m.lr:.3g}", f"{m.duration_s:.2f}s", f"attempt {m.attempt}"]
+        lines.append((m.created_at, 1, m.epoch, f"{'epoch':<16} " + "  ".join(parts)))
+    return "".join(f"{at.isoformat().replace('+00:00', 'Z')} {text}\n" for at, *_, text in sorted(lines))
 
 
 def cancel_job(session: Session, owner: str, job_id: str) -> Job:
@@ -178,15 +336,20 @@ def job_history(session: Session, owner: str, job_id: str) -> list[JobEvent]:
     return list(session.scalars(select(JobEvent).where(JobEvent.job_id == job_id).order_by(JobEvent.id)))
 
 
-def weights_file(session: Session, store: ArtifactStore, owner: str, job_id: str, part: str) -> tuple[Job, Path, str]:
-    """The job's weights (part "model") or its autoencoder's encoder (part "encoder"), with the sha256."""
+def weights_file(
+    session: Session, store: Store, owner: str, job_id: str, part: str
+) -> tuple[Job, BinaryIO, str]:
+    """The job's weights (part "model") or its autoencoder's encoder (part "encoder"), opened, with the sha256."""
     job = get_job(session, owner, job_id)
     if job.status != JobStatus.succeeded:
         raise Conflict(f"Job {job_id} is {job.status.value}; weights can be downloaded once it has succeeded.")
     if part == "encoder" and job.spec["model"]["type"] != "autoencoder":
         raise Conflict(f"Job {job_id} trained a {job.spec['model']['type']}; only an autoencoder has an encoder.")
-    path = store.open_artifact(job.id, ENCODER if part == "encoder" else WEIGHTS)
-    if path is None or job.weights_sha256 is None:
+    name = ENCODER if part == "encoder" else WEIGHTS
+    if job.weights_sha256 is None or (file := store.open_artifact(job.id, name)) is None:
         raise NotFound(f"The weights of job {job_id} are missing from the artifact store.")
-    sha256 = job.weights_sha256 if part == "model" else hashlib.sha256(path.read_bytes()).hexdigest()
-    return job, path, sha256
+    if part == "model":
+        return job, file, job.weights_sha256
+    sha256 = hashlib.file_digest(file, "sha256").hexdigest()
+    file.seek(0)
+    return job, file, sha256

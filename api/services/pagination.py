@@ -6,6 +6,7 @@ import json
 from datetime import datetime
 
 from api.errors import InvalidRequest
+from kiln.storage import is_id
 
 
 def encode_cursor(created_at: datetime, row_id: str) -> str:
@@ -20,7 +21,9 @@ def decode_cursor(cursor: str) -> tuple[datetime, str]:
         created = datetime.fromisoformat(created_at)
         if created.tzinfo is None:  # not one we issued, and a naive time cannot be compared with the column
             raise ValueError("naive timestamp")
-        return created, str(row_id)
+        if not isinstance(row_id, str) or not is_id(row_id):
+            raise ValueError("not a kiln id")
+        return created, row_id
     except (ValueError, TypeError, binascii.Error) as exc:
         raise InvalidRequest(
             "The cursor is not one this API issued; pass next_cursor from a previous page unchanged.",

@@ -1,5 +1,7 @@
 """Predictions: the API validates and forwards; a predictor worker holds the model (the API has no torch)."""
 
+import math
+
 from sqlalchemy.orm import Session
 
 from api.errors import ApiError, Conflict, InvalidRequest
@@ -31,4 +33,14 @@ def predict(session: Session, owner: str, job_id: str, inputs: list[list[float]]
     if "error" in answer:
         raise InvalidRequest(f"The inputs do not fit this model: {answer['error']}.",
                              details=[{"field": "body.inputs", "message": answer["error"]}])
+    if not _finite(answer["predictions"]) or not _finite(answer.get("probabilities")):
+        message = "the model's outputs are not finite for these inputs; send values nearer the training data"
+        raise InvalidRequest(f"No prediction: {message}.", details=[{"field": "body.inputs", "message": message}])
     return answer
+
+
+def _finite(value) -> bool:
+    """Whether every number in a nested list is finite (inputs far outside the training data can overflow)."""
+    if isinstance(value, list):
+        return all(_finite(v) for v in value)
+    return not isinstance(value, float) or math.isfinite(value)

@@ -1,10 +1,15 @@
 """The reconciler: the database says what should be running; make the broker agree.
 
-Run periodically by the API. Every step is a conditional UPDATE or an idempotent publish, so two
-API processes reconciling at once do no harm (the worker's claim lets only one delivery train).
+Run periodically by every API process. Every step is a conditional UPDATE or an idempotent publish, so two
+passes at once would do no harm (the worker's claim lets only one delivery train), but they would do some work
+twice: both publish a stranded job, both read the broker. So on PostgreSQL one pass runs at a time across all API
+processes and replicas: a pass first takes an advisory lock, and a process that finds it taken skips its turn.
+On SQLite (one machine, `kiln up` runs one API process there) every pass runs.
 """
 
+import contextlib
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -19,6 +24,9 @@ from kiln.tables import Job, JobEvent, JobStatus
 
 log = logging.getLogger("kiln.reconciler")
 BATCH = 500
+# The advisory lock a pass holds on PostgreSQL: any bigint nothing else locks. The per-owner job-limit locks
+# (api/services/jobs.py) use hashtext(owner), which is a 32-bit value: this one is far above that range.
+LOCK_KEY = int.from_bytes(b"kilnreco")
 
 
 @dataclass
@@ -33,11 +41,30 @@ class Reconciled:
 
 
 def reconcile(session: Session, settings: Settings) -> Reconciled:
+    """One pass; nothing (an empty Reconciled) when another process's pass holds the lock."""
     done = Reconciled()
-    _expired_leases(session, settings, done)
-    _lost_messages(session, settings, done)
-    _outbox(session, settings, done)
+    with sole_pass(session) as sole:
+        if not sole:
+            log.debug("another process is reconciling; skipping this turn")
+            return done
+        _expired_leases(session, settings, done)
+        _lost_messages(session, settings, done)
+        _outbox(session, settings, done)
     return done
+
+
+@contextlib.contextmanager
+def sole_pass(session: Session) -> Iterator[bool]:
+    """Whether this pass may run. On PostgreSQL: if pg_try_advisory_xact_lock(LOCK_KEY) succeeds, on a connection
+    of its own whose transaction stays open for the whole pass (the pass commits after each job on the session's
+    connection, which a transaction-level lock there would not survive). The lock goes with that transaction
+    however the pass ends: an exception rolls it back, a process that dies drops the connection. Never waits."""
+    engine = session.get_bind()
+    if engine.dialect.name != "postgresql":
+        yield True
+        return
+    with engine.connect() as conn, conn.begin():
+        yield bool(conn.scalar(select(func.pg_try_advisory_xact_lock(LOCK_KEY))))
 
 
 def _expired_leases(session: Session, settings: Settings, done: Reconciled) -> None:
@@ -90,12 +117,12 @@ def _expired_leases(session: Session, settings: Settings, done: Reconciled) -> N
 
 def _lost_messages(session: Session, settings: Settings, done: Reconciled) -> None:
     cutoff = utcnow() - timedelta(seconds=settings.lost_message_grace_s)
-    waiting = session.scalars(
-        select(Job.id).where(Job.status == JobStatus.queued, Job.published_at < cutoff).limit(BATCH)
-    ).all()
+    waiting = dict(session.execute(
+        select(Job.id, Job.queue).where(Job.status == JobStatus.queued, Job.published_at < cutoff).limit(BATCH)
+    ).all())
     if not waiting:
         return
-    in_broker = job_ids_in_broker(settings)
+    in_broker = job_ids_in_broker(settings, set(waiting.values()), delivered_within_s=settings.lease_s)
     if in_broker is None:  # the broker cannot be inspected right now; try again next round
         return
     for job_id in set(waiting) - in_broker:
@@ -112,14 +139,14 @@ def _lost_messages(session: Session, settings: Settings, done: Reconciled) -> No
 
 def _outbox(session: Session, settings: Settings, done: Reconciled) -> None:
     cutoff = utcnow() - timedelta(seconds=settings.outbox_grace_s)
-    stranded = session.scalars(
-        select(Job.id)
+    stranded = session.execute(
+        select(Job.id, Job.queue)
         .where(Job.status == JobStatus.queued, Job.published_at.is_(None), Job.created_at < cutoff)
         .order_by(Job.created_at)
         .limit(BATCH)
     ).all()
     session.rollback()  # end the read transaction before publishing (SQLite: release the snapshot)
-    for job_id in stranded:
-        if not publish_job(job_id):
+    for job_id, queue in stranded:
+        if not publish_job(job_id, queue):
             break  # the broker is down: the rest waits for the next round, not behind a timeout each
         done.published += 1

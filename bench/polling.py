@@ -1,0 +1,155 @@
+"""Status polling: GET /v1/jobs/{id} under 64 concurrent connections (wrk), beside GET /healthz from the same
+server in the same run; and GET /v1/jobs/{id}/metrics for a job with 10,000 epochs.
+
+    .venv/bin/python -m bench.polling [--duration 10] [--connections 64] [--rounds 3] [--api-workers N]
+                                      [--database-url ...]
+
+The stack: a throwaway PostgreSQL database, Redis and the API (uvicorn with as many processes as `kiln up` starts
+on PostgreSQL here, kiln.cli.default_api_workers, unless --api-workers), no worker. Two jobs are submitted through
+the API and then, directly in the database, given a finished history: one succeeded after 10 epochs (the job
+polled), one after 10,000 epochs (the metrics read). Polling uses wrk (Debian's `wrk` package: `apt-get install
+wrk`) with 2 threads, 64 connections and --latency; without wrk on PATH that part is skipped and says so. The
+baseline is /healthz on the same server: no database, no key, the cheapest answer the framework gives; the ratio
+says how much of the server's capacity a job read costs. wrk runs on the same cores as the API and PostgreSQL.
+The two alternate, --rounds times, and the targets are checked on the medians.
+
+The metrics read is timed from this client, sequentially, after two untimed reads.
+"""
+
+import argparse
+import re
+import shutil
+import subprocess
+import sys
+import time
+from datetime import UTC, datetime
+
+from sqlalchemy import insert, update
+
+from bench import stack as bench_stack
+from bench.report import heading, machine, median, percentile, target
+from kiln.cli import default_api_workers
+from kiln.tables import EpochMetric, Job, JobStatus
+
+SPEC = {"data": {"dataset": "digits"}, "model": {"type": "mlp", "hidden": [64, 32]}, "epochs": 10}
+LAYERS = ["0.weight", "0.bias", "2.weight", "2.bias", "4.weight", "4.bias"]
+
+
+def finish(stack: bench_stack.Stack, job_id: str, epochs: int) -> None:
+    """Give a submitted job the history of one that succeeded after `epochs` epochs."""
+    now = datetime.now(UTC)
+    rows = [
+        {"job_id": job_id, "epoch": e, "attempt": 1, "train_loss": 2.3 / e, "val_loss": 2.4 / e,
+         "val_accuracy": min(0.99, 0.1 + e / epochs), "lr": 1e-3, "duration_s": 0.031, "samples_per_s": 46000.0,
+         "grad_norm": 1.0 / e, "grad_norm_per_layer": {name: 0.5 / e for name in LAYERS},
+         "train_accuracy": min(0.99, 0.1 + e / epochs), "val_r2": None, "created_at": now}
+        for e in range(1, epochs + 1)
+    ]
+    engine = stack.engine()
+    with engine.begin() as conn:
+        for start in range(0, len(rows), 2000):
+            conn.execute(insert(EpochMetric), rows[start : start + 2000])
+        conn.execute(update(Job).where(Job.id == job_id).values(
+            status=JobStatus.succeeded, attempt=1, epochs_completed=epochs, checkpoint_epoch=epochs,
+            started_at=now, finished_at=now, worker="bench", published_at=now))
+    engine.dispose()
+
+
+def wrk(url: str, path: str, api_key: str | None, connections: int, duration: int) -> dict[str, float]:
+    cmd = ["wrk", "-t2", f"-c{connections}", f"-d{duration}s", "--latency", f"{url}{path}"]
+    if api_key:
+        cmd[1:1] = ["-H", f"Authorization: Bearer {api_key}"]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=duration + 60).stdout
+    figures = {"rps": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))}
+    for p in ("50", "75", "90", "99"):
+        value, unit = re.search(rf"\s{p}%\s+([\d.]+)(us|ms|s)\b", out).groups()
+        figures[f"p{p}"] = float(value) * {"us": 1e-3, "ms": 1.0, "s": 1e3}[unit]
+    errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    figures["non2xx"] = float(errors.group(1)) if errors else 0.0
+    socket_errors = re.search(r"Socket errors: (.*)", out)
+    figures["socket_errors"] = socket_errors.group(1) if socket_errors else "none"
+    return figures
+
+
+def medians(runs: list[dict]) -> dict:
+    """Each figure's median over the runs (errors: the most any run had)."""
+    figures = {key: median([run[key] for run in runs]) for key in ("rps", "p50", "p75", "p90", "p99")}
+    return figures | {"non2xx": max(run["non2xx"] for run in runs),
+                      "socket_errors": "; ".join(sorted({run["socket_errors"] for run in runs}))}
+
+
+def show(label: str, f: dict) -> None:
+    print(f"  {label:<42} {f['rps']:8,.0f} req/s   p50 {f['p50']:6.2f} ms  p90 {f['p90']:6.2f} ms  "
+          f"p99 {f['p99']:6.2f} ms   non-2xx {f['non2xx']:.0f}, socket errors: {f['socket_errors']}")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--duration", type=int, default=10, help="seconds of each wrk run")
+    parser.add_argument("--connections", type=int, default=64)
+    parser.add_argument("--rounds", type=int, default=3, help="wrk runs of each path, alternating")
+    parser.add_argument("--api-workers", type=int, default=None,
+                        help="uvicorn worker processes (default: what `kiln up` starts on PostgreSQL here)")
+    parser.add_argument("--reads", type=int, default=20, help="timed metrics reads")
+    bench_stack.add_arguments(parser)
+    args = parser.parse_args()
+    args.api_workers = args.api_workers or default_api_workers(args.database_url)
+    print(f"Status polling: {machine()}; PostgreSQL, the API ({args.api_workers} uvicorn process(es)) and the load "
+          "generator on this machine")
+    ok = True
+    with bench_stack.running(args, api_workers=args.api_workers) as stack, stack.client() as http:
+        polled = http.post("/v1/jobs", json=SPEC).json()["id"]
+        long = http.post("/v1/jobs", json=SPEC | {"epochs": 10_000}).json()["id"]
+        finish(stack, polled, 10)
+        finish(stack, long, 10_000)
+        assert http.get(f"/v1/jobs/{polled}").json()["latest_metrics"]["epoch"] == 10
+
+        heading(f"GET /v1/jobs/{{id}}: wrk, 2 threads, {args.connections} connections, {args.duration} s each, "
+                f"{args.rounds} rounds")
+        if shutil.which("wrk") is None:
+            print("  wrk is not on PATH (Debian: apt-get install wrk): polling not measured")
+            ok = False
+        else:
+            wrk(stack.url, f"/v1/jobs/{polled}", stack.api_key, args.connections, 2)  # every process warmed up
+            healths, jobs = [], []
+            for i in range(args.rounds):
+                healths.append(wrk(stack.url, "/healthz", None, args.connections, args.duration))
+                jobs.append(wrk(stack.url, f"/v1/jobs/{polled}", stack.api_key, args.connections, args.duration))
+                show(f"round {i + 1}: GET /healthz (baseline)", healths[-1])
+                show(f"round {i + 1}: GET /v1/jobs/{{id}}", jobs[-1])
+            health, job = medians(healths), medians(jobs)
+            show("median: GET /healthz (baseline)", health)
+            show("median: GET /v1/jobs/{id}", job)
+            print(f"  ratio GET /v1/jobs/{{id}} / GET /healthz throughput: {job['rps'] / health['rps']:.2f}")
+            ok &= target("GET /v1/jobs/{id} throughput", f"{job['rps']:,.0f} req/s", ">= 1,500 req/s",
+                         job["rps"] >= 1500)
+            ok &= target("GET /v1/jobs/{id} p99", f"{job['p99']:.1f} ms", "<= 50 ms", job["p99"] <= 50)
+            ok &= target("GET /v1/jobs/{id} errors", f"{job['non2xx']:.0f}", "0", job["non2xx"] == 0)
+
+        heading(f"GET /v1/jobs/{{id}}/metrics for a job with 10,000 epochs: {args.reads} sequential reads")
+        times, size = [], 0
+        for i in range(args.reads + 2):
+            t0 = time.perf_counter()
+            response = http.get(f"/v1/jobs/{long}/metrics")
+            elapsed = time.perf_counter() - t0
+            response.raise_for_status()
+            size = len(response.content)
+            if i >= 2:
+                times.append(elapsed)
+        epochs = len(response.json()["epochs"])
+        short = []
+        for _ in range(args.reads):
+            t0 = time.perf_counter()
+            http.get(f"/v1/jobs/{polled}/metrics").raise_for_status()
+            short.append(time.perf_counter() - t0)
+        p50, p95 = percentile(times, 50), percentile(times, 95)
+        print(f"  {epochs:,} epochs, {size / 1e6:.1f} MB of JSON: p50 {p50 * 1000:.1f} ms, "
+              f"p95 {p95 * 1000:.1f} ms, max {max(times) * 1000:.1f} ms")
+        print(f"  the same route for the 10-epoch job (baseline): p50 {percentile(short, 50) * 1000:.1f} ms; "
+              f"ratio {p50 / percentile(short, 50):.0f}")
+        ok &= target("metrics of 10,000 epochs, p50", f"{p50 * 1000:.1f} ms", "<= 50 ms", p50 <= 0.050)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

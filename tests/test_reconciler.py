@@ -1,0 +1,109 @@
+"""The reconciler's passes, called directly against a real database (SQLite, or PostgreSQL with
+KILN_TEST_DATABASE_URL): one pass at a time across API processes (on PostgreSQL a pass holds an advisory lock, and a
+pass that finds it taken does nothing; on SQLite every pass runs)."""
+
+import uuid
+from datetime import timedelta
+
+import pytest
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from api.services import reconciler
+from api.services.reconciler import LOCK_KEY, reconcile
+from kiln.db import make_engine, utcnow
+from kiln.migrate import upgrade
+from kiln.settings import Settings
+from kiln.tables import Job, JobStatus
+
+
+@pytest.fixture
+def engine(make_database):
+    url = make_database()
+    upgrade(url)
+    engine = make_engine(url)
+    yield engine
+    engine.dispose()
+
+
+@pytest.fixture
+def settings(tmp_path, engine) -> Settings:
+    # A long outbox grace: the jobs here are never published, so no pass needs a broker.
+    return Settings(data_dir=tmp_path, database_url=engine.url.render_as_string(hide_password=False),
+                    outbox_grace_s=3600)
+
+
+def lost_job(engine) -> str:
+    """A running job whose worker stopped renewing its lease a minute ago: the reconciler queues it again."""
+    job_id = str(uuid.uuid4())
+    with Session(engine) as session:
+        session.add(Job(
+            id=job_id, owner="default", status=JobStatus.running, spec={"data": {"dataset": "iris"}, "epochs": 3},
+            queue="kiln", created_at=utcnow(), published_at=utcnow(), started_at=utcnow(), epochs_completed=1,
+            checkpoint_epoch=1, attempt=1, worker="gone@host", lease_token=str(uuid.uuid4()),
+            lease_expires_at=utcnow() - timedelta(minutes=1), cancel_requested=False,
+        ))
+        session.commit()
+    return job_id
+
+
+def status(engine, job_id: str) -> JobStatus:
+    with Session(engine) as session:
+        return session.get(Job, job_id).status
+
+
+def run_pass(engine, settings: Settings) -> reconciler.Reconciled:
+    with Session(engine) as session:
+        return reconcile(session, settings)
+
+
+def test_a_pass_requeues_a_lost_job(engine, settings):
+    job_id = lost_job(engine)
+    assert run_pass(engine, settings).requeued == 1
+    assert status(engine, job_id) == JobStatus.queued
+
+
+def postgresql_only(engine) -> None:
+    if engine.dialect.name != "postgresql":
+        pytest.skip("the lock is PostgreSQL's (set KILN_TEST_DATABASE_URL); on SQLite every pass runs")
+
+
+def test_a_pass_skips_its_turn_while_another_holds_the_lock(engine, settings):
+    postgresql_only(engine)
+    job_id = lost_job(engine)
+    with engine.connect() as other, other.begin():  # another API process, in the middle of its pass
+        assert other.scalar(select(func.pg_try_advisory_xact_lock(LOCK_KEY)))
+        done = run_pass(engine, settings)
+        assert not done and status(engine, job_id) == JobStatus.running
+    assert run_pass(engine, settings).requeued == 1, "the lock went with the other pass"
+    assert status(engine, job_id) == JobStatus.queued
+
+
+def test_the_lock_is_held_for_the_whole_pass_and_released_after(engine, settings, monkeypatch):
+    postgresql_only(engine)
+    seen = []
+
+    def outbox(session, settings, done):  # the pass's last step: is the lock still held by this pass?
+        with engine.connect() as other, other.begin():
+            seen.append(other.scalar(select(func.pg_try_advisory_xact_lock(LOCK_KEY))))
+
+    monkeypatch.setattr(reconciler, "_outbox", outbox)
+    lost_job(engine)  # the pass commits once in between, which must not release the lock
+    assert run_pass(engine, settings).requeued == 1
+    assert seen == [False], "another process could take the lock during the pass"
+    with engine.connect() as other, other.begin():
+        assert other.scalar(select(func.pg_try_advisory_xact_lock(LOCK_KEY))), "the lock outlived the pass"
+
+
+def test_a_pass_that_fails_releases_the_lock(engine, settings, monkeypatch):
+    postgresql_only(engine)
+
+    def broken(*_):
+        raise RuntimeError("the broker went away")
+
+    monkeypatch.setattr(reconciler, "_lost_messages", broken)
+    with pytest.raises(RuntimeError):
+        run_pass(engine, settings)
+    with engine.connect() as other, other.begin():
+        assert other.scalar(select(func.pg_try_advisory_xact_lock(LOCK_KEY)))
+

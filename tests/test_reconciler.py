@@ -1,20 +1,26 @@
 """The reconciler's passes, called directly against a real database (SQLite, or PostgreSQL with
-KILN_TEST_DATABASE_URL): one pass at a time across API processes (on PostgreSQL a pass holds an advisory lock, and a
-pass that finds it taken does nothing; on SQLite every pass runs)."""
+KILN_TEST_DATABASE_URL) and a real broker: one pass at a time across API processes (on PostgreSQL a pass holds an
+advisory lock, and a pass that finds it taken does nothing; on SQLite every pass runs), and a message is lost only
+when the broker truly holds it nowhere."""
 
+import base64
+import json
+import time
 import uuid
 from datetime import timedelta
 
 import pytest
+import redis
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from api.services import reconciler
 from api.services.reconciler import LOCK_KEY, reconcile
 from kiln.db import make_engine, utcnow
+from kiln.dispatch import TRAIN_TASK, make_celery
 from kiln.migrate import upgrade
 from kiln.settings import Settings
-from kiln.tables import Job, JobStatus
+from kiln.tables import Job, JobEvent, JobStatus
 
 
 @pytest.fixture
@@ -107,3 +113,53 @@ def test_a_pass_that_fails_releases_the_lock(engine, settings, monkeypatch):
     with engine.connect() as other, other.begin():
         assert other.scalar(select(func.pg_try_advisory_xact_lock(LOCK_KEY)))
 
+
+def job_of(raw: bytes) -> str:
+    """The job id a kiln.train message carries (kombu's Redis layout: a base64 JSON body of [args, kwargs, ...])."""
+    return json.loads(base64.b64decode(json.loads(raw)["body"]))[0][0]
+
+
+def test_a_message_a_worker_is_taking_is_not_lost_but_one_the_broker_dropped_is(engine, settings, broker_url,
+                                                                                  monkeypatch):
+    """kombu takes a message in two steps, popping it from the queue and then recording it as unacknowledged;
+    a pass that reads the broker in between must not call it lost. A message in neither place twice is."""
+    settings = settings.model_copy(update={"broker_url": broker_url, "queue": f"reco-{uuid.uuid4().hex[:6]}"})
+    taking, dropped = str(uuid.uuid4()), str(uuid.uuid4())
+    with Session(engine) as session:
+        for job_id in (taking, dropped):  # published a minute ago and still queued: both get looked for
+            session.add(Job(id=job_id, owner="default", status=JobStatus.queued, spec={"data": {"dataset": "iris"}},
+                            queue=settings.queue, created_at=utcnow(), published_at=utcnow() - timedelta(minutes=1),
+                            epochs_completed=0, attempt=0, cancel_requested=False))
+        session.commit()
+    celery = make_celery(settings)
+    r = redis.Redis.from_url(broker_url)
+    tag = f"test-{uuid.uuid4().hex}"
+    try:
+        for job_id in (taking, dropped):
+            celery.send_task(TRAIN_TASK, args=[job_id], queue=settings.queue)
+        popped = {job_of(m): m for m in (r.lpop(settings.queue), r.lpop(settings.queue))}  # both leave the queue
+        looks = []
+        real = reconciler.job_ids_in_broker
+
+        def look(*args, **kwargs):
+            looks.append(held := real(*args, **kwargs))
+            if len(looks) == 1:  # the worker finishes taking it, just after the pass's first look
+                r.hset("unacked", tag, json.dumps([json.loads(popped[taking]), settings.queue, settings.queue]))
+                r.zadd("unacked_index", {tag: time.time()})
+            return held
+
+        monkeypatch.setattr(reconciler, "job_ids_in_broker", look)
+        assert run_pass(engine, settings).republished == 1
+        # (a shared broker may hold other tests' messages too)
+        assert [held & {taking, dropped} for held in looks] == [set(), {taking}], "the pass did not look twice"
+        with Session(engine) as session:
+            kinds = dict(session.execute(select(JobEvent.job_id, JobEvent.kind)).all())
+            assert kinds == {dropped: "message_lost"}
+            assert session.get(Job, taking).published_at is not None
+            assert session.get(Job, dropped).published_at is None  # back in the outbox
+    finally:
+        r.hdel("unacked", tag)
+        r.zrem("unacked_index", tag)
+        r.delete(settings.queue)
+        r.close()
+        celery.close()

@@ -9,6 +9,7 @@ On SQLite (one machine, `kiln up` runs one API process there) every pass runs.
 
 import contextlib
 import logging
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import timedelta
@@ -27,6 +28,9 @@ BATCH = 500
 # The advisory lock a pass holds on PostgreSQL: any bigint nothing else locks. The per-owner job-limit locks
 # (api/services/jobs.py) use hashtext(owner), which is a 32-bit value: this one is far above that range.
 LOCK_KEY = int.from_bytes(b"kilnreco")
+# A worker takes a message in two steps (kombu pops it from the queue, then records it as unacknowledged), and
+# for that moment the broker holds it nowhere: a job is lost only if two reads this far apart both miss it.
+SECOND_LOOK_S = 1.0
 
 
 @dataclass
@@ -122,10 +126,19 @@ def _lost_messages(session: Session, settings: Settings, done: Reconciled) -> No
     ).all())
     if not waiting:
         return
-    in_broker = job_ids_in_broker(settings, set(waiting.values()), delivered_within_s=settings.lease_s)
-    if in_broker is None:  # the broker cannot be inspected right now; try again next round
+    session.rollback()  # end the read transaction before the broker reads (SQLite: release the snapshot)
+
+    def not_held() -> set[str] | None:
+        held = job_ids_in_broker(settings, set(waiting.values()), delivered_within_s=settings.lease_s)
+        return None if held is None else set(waiting) - held
+
+    if missing := not_held():
+        time.sleep(SECOND_LOOK_S)
+        again = not_held()
+        missing = None if again is None else missing & again
+    if not missing:  # None: the broker cannot be read right now; the next pass tries again
         return
-    for job_id in set(waiting) - in_broker:
+    for job_id in missing:
         changed = session.execute(
             update(Job).where(Job.id == job_id, Job.status == JobStatus.queued, Job.published_at < cutoff)
             .values(published_at=None)

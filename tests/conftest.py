@@ -200,7 +200,7 @@ def _api_ready(stack: Stack) -> bool:
     for name, process in stack.processes.items():
         if process.poll() is not None:
             raise RuntimeError(f"{name} exited early:\n{(stack.logs / f'{name}.log').read_text()[-3000:]}")
-    return answers(f"{stack.url}/readyz", stack.processes["api"], stack.logs / "api.log")
+    return _ok(f"{stack.url}/readyz")
 
 
 @contextmanager
@@ -224,6 +224,10 @@ def answers(url: str, process: subprocess.Popen, log: Path) -> bool:
     answer has exited."""
     if process.poll() is not None:
         raise RuntimeError(f"{process.args[:4]} exited early:\n{log.read_text(errors='replace')[-3000:]}")
+    return _ok(url)
+
+
+def _ok(url: str) -> bool:
     try:
         return httpx.get(url, timeout=1).status_code == 200
     except httpx.TransportError:

@@ -21,6 +21,7 @@ from api.schemas import (
     error_responses,
 )
 from api.services import jobs as service
+from api.services import metrics
 from api.services import predict as predictions
 from kiln.spec import JobSpec
 from kiln.tables import JobStatus
@@ -161,7 +162,7 @@ async def job_metrics(
         "lowest and highest train and validation loss (spikes survive), with the first and the last."
     )] = None,
 ) -> Response:
-    body = await run_in_threadpool(service.job_metrics_json, owner, job_id, since, max_points)
+    body = await run_in_threadpool(metrics.job_metrics_json, owner, job_id, since, max_points)
     return Response(body, media_type="application/json")
 
 

@@ -1,7 +1,6 @@
 """Job operations behind the routes: plain functions over a Session, scoped by owner in every query."""
 
 import hashlib
-import json
 import logging
 import uuid
 from collections.abc import Sequence
@@ -10,17 +9,15 @@ from typing import BinaryIO
 
 from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
-from sqlalchemy import Text, and_, bindparam, case, cast, func, literal, literal_column, select, text, update
-from sqlalchemy.dialects.postgresql import aggregate_order_by
-from sqlalchemy.engine import Row
+from sqlalchemy import and_, bindparam, case, func, literal, select, text, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from api.errors import Conflict, InvalidRequest, NotFound, TooManyRequests
-from api.schemas import EpochMetrics, JobMetrics, JobOut
+from api.schemas import EpochMetrics, JobOut
 from api.services.pagination import decode_cursor, encode_cursor
 from kiln.catalog import BUILTIN_DATASETS, DatasetInfo
-from kiln.db import UTCDateTime, autocommit_connection, get_sessionmaker, utcnow
+from kiln.db import UTCDateTime, autocommit_connection, utcnow
 from kiln.dispatch import publish_job, train_queue
 from kiln.history import record
 from kiln.model_size import estimate_parameters, output_size
@@ -159,10 +156,10 @@ def with_latest_metrics():
 # route's CPU); plain rows, not ORM objects; an autocommit connection, not a session (one round trip: no BEGIN,
 # no ROLLBACK). The row carries every column of the job under its own name, and the latest epoch's columns
 # as latest_<name>.
-_LATEST = list(EpochMetrics.model_fields)
+METRIC_FIELDS = list(EpochMetrics.model_fields)  # also api.services.metrics's columns
 _job, _epoch = Job.__table__, EpochMetric.__table__
 _POLLED = (
-    select(_job, *(_epoch.c[name].label(f"latest_{name}") for name in _LATEST))
+    select(_job, *(_epoch.c[name].label(f"latest_{name}") for name in METRIC_FIELDS))
     .outerjoin(_epoch, and_(_epoch.c.job_id == _job.c.id, _epoch.c.epoch == _job.c.epochs_completed))
     .where(_job.c.id == bindparam("job_id"), _job.c.owner == bindparam("owner"))
 )
@@ -178,7 +175,7 @@ def job_json(owner: str, job_id: str) -> bytes:
             raise _no_job(job_id)
         latest = None
         if job.latest_epoch is not None:
-            latest = EpochMetrics(**{name: job._mapping[f"latest_{name}"] for name in _LATEST})
+            latest = EpochMetrics(**{name: job._mapping[f"latest_{name}"] for name in METRIC_FIELDS})
         reason = None
         if job.status == JobStatus.queued:  # waiting() has nothing to say about the others
             with Session(conn) as session:
@@ -224,60 +221,6 @@ def list_jobs(
         last = rows[-1][0]
         next_cursor = encode_cursor(last.created_at, last.id)
     return rows, next_cursor
-
-
-# The columns EpochMetrics shows, read as plain rows and written straight to JSON: ORM objects and validation
-# were nearly all of a long history's cost (the database typed every value already).
-_METRIC_NAMES = list(EpochMetrics.model_fields)
-_METRIC_COLUMNS = [getattr(EpochMetric, name) for name in _METRIC_NAMES]
-
-
-def job_metrics_json(owner: str, job_id: str, since: int, max_points: int | None = None) -> bytes:
-    with get_sessionmaker()() as session:
-        get_job(session, owner, job_id)
-        if not max_points and session.get_bind().dialect.name == "postgresql":
-            epochs = session.scalar(_postgres_metrics_array(job_id, since))
-            if '"NaN"' not in epochs and 'Infinity"' not in epochs:  # else: the path below writes null
-                return f'{{"job_id":{json.dumps(job_id)},"epochs":{epochs}}}'.encode()
-        rows = session.execute(
-            select(*_METRIC_COLUMNS)
-            .where(EpochMetric.job_id == job_id, EpochMetric.epoch > since)
-            .order_by(EpochMetric.epoch)
-        ).all()
-    if max_points:
-        rows = downsample(rows, max_points)
-    body = {"job_id": job_id, "epochs": [dict(zip(_METRIC_NAMES, row, strict=True)) for row in rows]}
-    try:
-        return json.dumps(body, allow_nan=False, separators=(",", ":")).encode()
-    except ValueError:  # a non-finite value: pydantic writes it as null, as the other routes do
-        return JobMetrics.model_validate(body).model_dump_json().encode()
-
-
-def _postgres_metrics_array(job_id: str, since: int):
-    """PostgreSQL renders the whole array, in epoch order (each row as compact JSON): no row reaches Python."""
-    rows = select(*_METRIC_COLUMNS).where(EpochMetric.job_id == job_id, EpochMetric.epoch > since).subquery("m")
-    array = func.json_agg(aggregate_order_by(rows.table_valued(), rows.c.epoch))
-    return select(cast(func.coalesce(array, literal_column("'[]'::json")), Text))
-
-
-def downsample(rows: list[Row], max_points: int) -> list[Row]:
-    """At most max_points of rows, keeping the first and last and, in each of equal buckets between, the epochs
-    of the lowest and highest train and validation loss: a spike survives, however long the history."""
-    if len(rows) <= max_points:
-        return rows
-    keep = {0, len(rows) - 1}
-    buckets = max(1, (max_points - 2) // 4)
-    size = (len(rows) - 2) / buckets
-    for b in range(buckets):
-        chunk = range(1 + int(b * size), 1 + int((b + 1) * size))
-        if not chunk:
-            continue
-        for series in ("train_loss", "val_loss"):
-            points = [i for i in chunk if getattr(rows[i], series) is not None]
-            if points:
-                keep.add(min(points, key=lambda i, s=series: getattr(rows[i], s)))
-                keep.add(max(points, key=lambda i, s=series: getattr(rows[i], s)))
-    return [rows[i] for i in sorted(keep)]
 
 
 def job_log(session: Session, owner: str, job_id: str) -> str:

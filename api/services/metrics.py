@@ -1,0 +1,129 @@
+"""A job's epoch history, GET /v1/jobs/{id}/metrics: whole or downsampled, with as little Python in the way as
+possible, since a long history is megabytes of JSON.
+
+The rows are read as plain rows, never ORM objects or validated models (those were nearly all of a long
+history's cost; the database typed every value already). On PostgreSQL the database renders the JSON itself, so
+no row reaches Python. Downsampling is a query too: the database picks the epochs to keep and only those are read.
+And epoch rows are written once each, in order, and never changed (the worker's fenced commit), so the JSON of
+a history's first epochs, once rendered, stays right: a later read of the whole history renders only the epochs
+after those (RenderedHistories).
+"""
+
+import json
+import threading
+from collections import OrderedDict
+
+from pydantic import TypeAdapter
+from sqlalchemy import Text, case, cast, func, select, true
+from sqlalchemy.dialects.postgresql import aggregate_order_by
+from sqlalchemy.orm import Session
+
+from api.schemas import EpochMetrics
+from api.services.jobs import METRIC_FIELDS, get_job
+from kiln.db import get_sessionmaker
+from kiln.tables import EpochMetric
+
+_COLUMNS = [getattr(EpochMetric, name) for name in METRIC_FIELDS]
+_EPOCHS = TypeAdapter(list[EpochMetrics])
+
+
+class RenderedHistories:
+    """The rendered JSON of each recently read history, by job id, with the last epoch it covers; the least
+    recently used go first once they hold more than `capacity` bytes. Per process, shared by its threads."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self._items: OrderedDict[str, tuple[int, bytes]] = OrderedDict()
+        self._size = 0
+        self._lock = threading.Lock()
+
+    def get(self, job_id: str) -> tuple[int, bytes]:
+        """(last epoch, the array's elements up to it), or (0, b"") when none is kept."""
+        with self._lock:
+            if job_id not in self._items:
+                return 0, b""
+            self._items.move_to_end(job_id)
+            return self._items[job_id]
+
+    def put(self, job_id: str, last_epoch: int, elements: bytes) -> None:
+        if len(elements) > self.capacity // 4:
+            return
+        with self._lock:
+            if job_id in self._items:
+                self._size -= len(self._items.pop(job_id)[1])
+            self._items[job_id] = (last_epoch, elements)
+            self._size += len(elements)
+            while self._size > self.capacity:
+                self._size -= len(self._items.popitem(last=False)[1][1])
+
+
+rendered = RenderedHistories(capacity=64 * 2**20)
+
+
+def job_metrics_json(owner: str, job_id: str, since: int, max_points: int | None = None) -> bytes:
+    with get_sessionmaker()() as session:
+        get_job(session, owner, job_id)
+        if since or max_points:
+            chosen = EpochMetric.epoch.in_(kept_epochs(job_id, since, max_points)) if max_points else true()
+            elements, _ = _render(session, (EpochMetric.job_id == job_id, EpochMetric.epoch > since, chosen))
+        else:
+            done, elements = rendered.get(job_id)
+            new, last = _render(session, (EpochMetric.job_id == job_id, EpochMetric.epoch > done))
+            if new:
+                elements = elements + b"," + new if elements else new
+                rendered.put(job_id, last, elements)
+    return b'{"job_id":' + json.dumps(job_id).encode() + b',"epochs":[' + elements + b"]}"
+
+
+def _render(session: Session, where: tuple) -> tuple[bytes, int | None]:
+    """The JSON array elements (no brackets) of the epochs `where` selects, in epoch order, and the last epoch."""
+    if session.get_bind().dialect.name == "postgresql":
+        rows = select(*_COLUMNS).where(*where).subquery("m")
+        array = cast(func.json_agg(aggregate_order_by(rows.table_valued(), rows.c.epoch)), Text)
+        text, last = session.execute(select(array, func.max(rows.c.epoch))).one()
+        if text is None:
+            return b"", None
+        if '"NaN"' not in text and 'Infinity"' not in text:  # else: the path below writes null
+            return text[1:-1].encode(), last
+    rows = session.execute(select(*_COLUMNS).where(*where).order_by(EpochMetric.epoch)).all()
+    if not rows:
+        return b"", None
+    epochs = [dict(zip(METRIC_FIELDS, row, strict=True)) for row in rows]
+    try:
+        text = json.dumps(epochs, allow_nan=False, separators=(",", ":"))
+    except ValueError:  # a non-finite value: pydantic writes it as null, as the other routes do
+        text = _EPOCHS.dump_json(_EPOCHS.validate_python(epochs)).decode()
+    return text[1:-1].encode(), rows[-1].epoch
+
+
+def kept_epochs(job_id: str, since: int, max_points: int):
+    """The epochs after `since` that a chart of at most `max_points` keeps: every one if they fit; else the first
+    and the last and, in each of (max_points - 2) // 4 equal buckets between, the epochs of the lowest and the
+    highest train and validation loss (the earliest on a tie), so a spike survives however long the history.
+    Window functions, on SQLite and PostgreSQL alike."""
+    buckets = max(1, (max_points - 2) // 4)
+    numbered = (
+        select(EpochMetric.epoch, EpochMetric.train_loss, EpochMetric.val_loss,
+               (func.row_number().over(order_by=EpochMetric.epoch) - 1).label("i"), func.count().over().label("n"))
+        .where(EpochMetric.job_id == job_id, EpochMetric.epoch > since)
+        .subquery("numbered")
+    )
+    i, n = numbered.c.i, numbered.c.n
+    bucketed = select(
+        numbered, case(((i == 0) | (i == n - 1), -1), else_=(i - 1) * buckets // (n - 2)).label("bucket")  # -1: ends
+    ).subquery("bucketed")
+    b = bucketed.c
+
+    def first_by(order):
+        return func.row_number().over(partition_by=b.bucket, order_by=(order.nulls_last(), b.epoch))
+
+    ranked = select(
+        b.epoch, b.n, b.val_loss, b.bucket,
+        first_by(b.train_loss.asc()).label("train_lo"), first_by(b.train_loss.desc()).label("train_hi"),
+        first_by(b.val_loss.asc()).label("val_lo"), first_by(b.val_loss.desc()).label("val_hi"),
+    ).subquery("ranked")
+    r = ranked.c
+    return select(r.epoch).where(
+        (r.n <= max_points) | (r.bucket == -1) | (r.train_lo == 1) | (r.train_hi == 1)
+        | (r.val_loss.is_not(None) & ((r.val_lo == 1) | (r.val_hi == 1)))
+    )

@@ -19,7 +19,9 @@ import httpx
 import pytest
 import redis
 from sqlalchemy import create_engine, make_url, text
+from sqlalchemy.engine import Engine
 
+from kiln.db import make_engine
 from kiln.dispatch import make_celery, predict_queue, worker_queues
 from kiln.embedded import EmbeddedRedis, free_port, stop_process, wait_until
 from kiln.launch import worker_command
@@ -70,6 +72,16 @@ def make_database(tmp_path_factory) -> Iterator[Callable[[], str]]:
 @pytest.fixture(scope="session")
 def database_url(make_database) -> str:
     return make_database()
+
+
+@pytest.fixture
+def engine(make_database) -> Iterator[Engine]:
+    """An engine on a fresh, migrated database of the test's own."""
+    url = make_database()
+    upgrade(url)
+    engine = make_engine(url)
+    yield engine
+    engine.dispose()
 
 
 @pytest.fixture(scope="session")

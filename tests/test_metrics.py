@@ -6,23 +6,12 @@ import math
 import random
 import uuid
 
-import pytest
 from sqlalchemy import create_engine, insert
 from sqlalchemy.orm import Session
 
 from api.services.metrics import RenderedHistories, kept_epochs
-from kiln.db import make_engine, utcnow
-from kiln.migrate import upgrade
+from kiln.db import utcnow
 from kiln.tables import EpochMetric, Job, JobStatus
-
-
-@pytest.fixture(scope="module")
-def engine(make_database):
-    url = make_database()
-    upgrade(url)
-    engine = make_engine(url)
-    yield engine
-    engine.dispose()
 
 
 def history(engine, losses: list[tuple[float, float | None]]) -> str:

@@ -16,20 +16,10 @@ from sqlalchemy.orm import Session
 
 from api.services import reconciler
 from api.services.reconciler import LOCK_KEY, reconcile
-from kiln.db import make_engine, utcnow
+from kiln.db import utcnow
 from kiln.dispatch import TRAIN_TASK, make_celery
-from kiln.migrate import upgrade
 from kiln.settings import Settings
 from kiln.tables import Job, JobEvent, JobStatus
-
-
-@pytest.fixture
-def engine(make_database):
-    url = make_database()
-    upgrade(url)
-    engine = make_engine(url)
-    yield engine
-    engine.dispose()
 
 
 @pytest.fixture

@@ -626,6 +626,13 @@ def _describe(section: dict[str, Any] | None) -> str:
     return f"{section.get('type', '')}  {rest}".strip()
 
 
+def _resources(resources: dict[str, Any] | None) -> str | None:
+    """What a job asked for beyond the default (a CPU, fp32, the default queue); None when nothing."""
+    asked = {k: v for k, v in (resources or {}).items()
+             if v is not None and (k, v) not in {("device", "cpu"), ("gpus", 0), ("precision", "fp32")}}
+    return "  ".join(f"{k} {v}" for k, v in asked.items()) or None
+
+
 @main.command()
 @click.argument("job_id")
 @json_option
@@ -644,6 +651,7 @@ def show(job_id: str, as_json: bool, url: str | None) -> None:
     data = spec["data"]
     fields: list[tuple[str, Any]] = [
         ("id", job["id"]), ("name", job["name"] or "-"), ("status", _status(job)),
+        ("waiting", job.get("waiting_reason")),  # absent from servers before 0.1's routing
         ("error", job["error"]), ("stopped", job["stop_reason"]),
         ("progress", progress),
         ("dataset", f"{data['dataset']}  val_fraction {data['val_fraction']}"
@@ -656,6 +664,7 @@ def show(job_id: str, as_json: bool, url: str | None) -> None:
          else None),
         ("early stop", spec.get("early_stopping") and "  ".join(f"{k} {v}" for k, v in spec["early_stopping"].items())),
         ("grad clip", spec.get("grad_clip")),
+        ("resources", _resources(spec.get("resources"))),
         ("batch size", spec["batch_size"]), ("seed", spec["seed"]),
         ("time limit", spec.get("time_limit_s") and _span(spec["time_limit_s"])),
         ("created", _when(job["created_at"])), ("started", job["started_at"] and _when(job["started_at"])),

@@ -8,6 +8,7 @@ import json
 import signal
 import subprocess
 import sys
+import uuid
 
 import pytest
 
@@ -159,6 +160,20 @@ def test_show_is_human_readable(stack, finished):
     assert fields["model"].strip().startswith("mlp")
     assert fields["optimizer"].strip().startswith("adam  lr 0.003")
     assert fields["latest"].strip().startswith("epoch 5/5  train_loss ")
+
+
+def test_show_says_why_a_job_waits_and_what_it_asked_for(stack, tmp_path):
+    pool = f"nobody-{uuid.uuid4().hex[:6]}"  # a pool no worker serves: the job waits, and says why
+    spec = tmp_path / "pool.json"
+    spec.write_text(json.dumps({"data": {"dataset": "iris"}, "epochs": 2, "resources": {"queue": pool}}))
+    job_id = ok(kiln(stack, "submit", str(spec), "--quiet")).strip()
+    try:
+        fields = dict(line.split(":", 1) for line in ok(kiln(stack, "show", job_id)).splitlines())
+        assert fields["status"].strip() == "queued"
+        assert f"kiln worker --queue {pool}" in fields["waiting"]
+        assert fields["resources"].strip() == f"queue {pool}"
+    finally:
+        ok(kiln(stack, "cancel", job_id))
 
 
 def test_metrics_table(stack, finished):

@@ -53,7 +53,7 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
-def make_engine(url: str) -> Engine:
+def make_engine(url: str, idle_transaction_limit_s: float | None = None) -> Engine:
     if url.startswith("sqlite"):
         path = url.split("///", 1)[-1]
         if path and path != ":memory:":
@@ -75,6 +75,8 @@ def make_engine(url: str) -> Engine:
     # Fail fast instead of hanging on a database that stopped answering: connect timeout, TCP keepalives.
     connect_args = {"connect_timeout": 5, "keepalives": 1, "keepalives_idle": 10, "keepalives_interval": 5,
                     "keepalives_count": 3} if url.startswith("postgresql") else {}
+    if connect_args and idle_transaction_limit_s:  # see end_idle_transactions_after
+        connect_args["options"] = f"-c idle_in_transaction_session_timeout={int(idle_transaction_limit_s * 1000)}"
     # No overflow: a connection opened beyond pool_size is closed again as soon as the pool has pool_size idle
     # ones, and under steady load that was one new PostgreSQL connection (a backend process forked, two thirds
     # of the database's CPU) every five status polls. So at most POOL_SIZE connections per process, opened on
@@ -115,9 +117,23 @@ def _ping_after_idle(engine: Engine) -> None:
             raise exc.DisconnectionError() from err  # the pool discards it and checks out another
 
 
+# Set in worker processes by end_idle_transactions_after.
+_idle_transaction_limit_s: float | None = None
+
+
+def end_idle_transactions_after(seconds: float) -> None:
+    """Have PostgreSQL end this process's sessions that sit in an open transaction for `seconds` (workers: the
+    lease). A worker host cut off from the network in the middle of a transaction leaves its session open on the
+    server, with the row locks it took, until TCP gives up on it (hours): the next attempt's claim and the
+    reconciler would wait on those locks. Once the lease has run out that worker could write nothing anyway."""
+    global _idle_transaction_limit_s
+    _idle_transaction_limit_s = seconds
+    reset_engine()
+
+
 @lru_cache
 def get_engine() -> Engine:
-    return make_engine(get_settings().db_url)
+    return make_engine(get_settings().db_url, _idle_transaction_limit_s)
 
 
 @lru_cache

@@ -5,18 +5,19 @@ when the broker truly holds it nowhere."""
 
 import base64
 import json
+import threading
 import time
 import uuid
 from datetime import timedelta
 
 import pytest
 import redis
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from api.services import reconciler
 from api.services.reconciler import LOCK_KEY, reconcile
-from kiln.db import utcnow
+from kiln.db import make_engine, utcnow
 from kiln.dispatch import TRAIN_TASK, make_celery
 from kiln.settings import Settings
 from kiln.tables import Job, JobEvent, JobStatus
@@ -73,6 +74,29 @@ def test_a_pass_skips_its_turn_while_another_holds_the_lock(engine, settings):
         assert not done and status(engine, job_id) == JobStatus.running
     assert run_pass(engine, settings).requeued == 1, "the lock went with the other pass"
     assert status(engine, job_id) == JobStatus.queued
+
+
+def test_a_worker_cut_off_mid_transaction_holds_its_locks_for_the_lease_at_most(engine, settings):
+    """A worker host that vanishes between two statements of a transaction leaves its PostgreSQL session open, the
+    job's row locked, until TCP gives up on it (hours). Workers' sessions end once idle in a transaction for the
+    lease (kiln.db.end_idle_transactions_after), so the reconciler waits that long, not hours."""
+    postgresql_only(engine)
+    job_id = lost_job(engine)
+    worker = make_engine(engine.url.render_as_string(hide_password=False), idle_transaction_limit_s=1)
+    stranded = worker.connect()
+    stranded.begin()
+    stranded.execute(update(Job).where(Job.id == job_id).values(epochs_completed=2))  # the row locked; then silence
+    passes = []
+    reconciling = threading.Thread(target=lambda: passes.append(run_pass(engine, settings)), daemon=True)
+    reconciling.start()
+    try:
+        reconciling.join(timeout=20)
+        assert not reconciling.is_alive(), "the pass is still waiting on the stranded worker's row lock"
+        assert passes[0].requeued == 1 and status(engine, job_id) == JobStatus.queued
+    finally:
+        stranded.invalidate()  # closes its socket: the server rolls back, if it had not ended the session already
+        worker.dispose()
+        reconciling.join(timeout=20)
 
 
 def test_the_lock_is_held_for_the_whole_pass_and_released_after(engine, settings, monkeypatch):

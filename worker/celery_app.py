@@ -16,7 +16,7 @@ from celery.signals import (
     worker_shutting_down,
 )
 
-from kiln.db import reset_engine
+from kiln.db import end_idle_transactions_after, reset_engine
 from kiln.dispatch import make_celery
 from kiln.logs import use_json
 from kiln.settings import get_settings
@@ -24,6 +24,8 @@ from kiln.settings import get_settings
 log = logging.getLogger("kiln.worker")
 app = make_celery(get_settings())
 app.conf.include = ["worker.tasks"]
+# Worker hosts are the ones a network cut strands mid-transaction; see kiln.db.
+end_idle_transactions_after(get_settings().lease_s)
 # A broker blip must not kill hours of training: the database, not the message, tracks the job.
 app.conf.worker_cancel_long_running_tasks_on_connection_loss = False
 

@@ -100,30 +100,32 @@ def kept_epochs(job_id: str, since: int, max_points: int):
     """The epochs after `since` that a chart of at most `max_points` keeps: every one if they fit; else the first
     and the last and, in each of (max_points - 2) // 4 equal buckets between, the epochs of the lowest and the
     highest train and validation loss (the earliest on a tie), so a spike survives however long the history.
-    Window functions, on SQLite and PostgreSQL alike."""
+    One numbering pass and one GROUP BY, no sort per bucket; on SQLite and PostgreSQL alike."""
     buckets = max(1, (max_points - 2) // 4)
+    mine = (EpochMetric.job_id == job_id, EpochMetric.epoch > since)
+    n = select(func.count()).where(*mine).scalar_subquery()
     numbered = (
-        select(EpochMetric.epoch, EpochMetric.train_loss, EpochMetric.val_loss,
-               (func.row_number().over(order_by=EpochMetric.epoch) - 1).label("i"), func.count().over().label("n"))
-        .where(EpochMetric.job_id == job_id, EpochMetric.epoch > since)
+        select(EpochMetric.epoch, EpochMetric.train_loss, EpochMetric.val_loss, n.label("n"),
+               (func.row_number().over(order_by=EpochMetric.epoch) - 1).label("i"))
+        .where(*mine)
         .subquery("numbered")
     )
     i, n = numbered.c.i, numbered.c.n
-    bucketed = select(
-        numbered, case(((i == 0) | (i == n - 1), -1), else_=(i - 1) * buckets // (n - 2)).label("bucket")  # -1: ends
-    ).subquery("bucketed")
-    b = bucketed.c
-
-    def first_by(order):
-        return func.row_number().over(partition_by=b.bucket, order_by=(order.nulls_last(), b.epoch))
-
-    ranked = select(
-        b.epoch, b.n, b.val_loss, b.bucket,
-        first_by(b.train_loss.asc()).label("train_lo"), first_by(b.train_loss.desc()).label("train_hi"),
-        first_by(b.val_loss.asc()).label("val_lo"), first_by(b.val_loss.desc()).label("val_hi"),
-    ).subquery("ranked")
-    r = ranked.c
-    return select(r.epoch).where(
-        (r.n <= max_points) | (r.bucket == -1) | (r.train_lo == 1) | (r.train_hi == 1)
-        | (r.val_loss.is_not(None) & ((r.val_lo == 1) | (r.val_hi == 1)))
+    # The first and the last epoch are buckets of their own (-1, -2), so they are their buckets' extremes.
+    bucket = case((i == 0, -1), (i == n - 1, -2), else_=(i - 1) * buckets // (n - 2))
+    rows = select(numbered, bucket.label("bucket")).cte("bucketed")
+    extremes = select(
+        rows.c.bucket, func.min(rows.c.train_loss).label("train_lo"), func.max(rows.c.train_loss).label("train_hi"),
+        func.min(rows.c.val_loss).label("val_lo"), func.max(rows.c.val_loss).label("val_hi"),
+    ).group_by(rows.c.bucket).subquery("extremes")
+    x = extremes.c
+    picks = (
+        select(*(func.min(rows.c.epoch).filter(column == value).label(name) for name, column, value in (
+            ("train_lo", rows.c.train_loss, x.train_lo), ("train_hi", rows.c.train_loss, x.train_hi),
+            ("val_lo", rows.c.val_loss, x.val_lo), ("val_hi", rows.c.val_loss, x.val_hi))))
+        .join_from(rows, extremes, rows.c.bucket == x.bucket)
+        .group_by(rows.c.bucket)
+        .cte("picks")  # computed once, read four times
     )
+    fits = select(rows.c.epoch).where(rows.c.n <= max_points)
+    return fits.union(*(select(column).where(column.is_not(None)) for column in picks.c))

@@ -51,7 +51,6 @@ class _StateCollector:
 
     def collect(self):
         jobs = GaugeMetricFamily("kiln_jobs", "Jobs by status, all owners.", labels=["status"])
-        epochs = None
         with get_sessionmaker()() as session:
             counts = dict(session.execute(select(Job.status, func.count()).group_by(Job.status)).all())
             buckets = [func.sum(case((EpochMetric.duration_s <= b, 1), else_=0)) for b in EPOCH_BUCKETS]

@@ -1,7 +1,7 @@
 """A running kiln for the service benchmarks: a throwaway PostgreSQL database, a Redis broker, the API
 (uvicorn, as `kiln up` and docker-compose run it) and Celery workers, all stopped and dropped on exit.
 
-The workers run `celery -A bench.probe worker ...`: kiln's worker command line (kiln.cli.worker_command) with
+The workers run `celery -A bench.probe worker ...`: kiln's worker command line (kiln.launch.worker_command) with
 the app module swapped for bench.probe, which is worker.celery_app plus two timestamps (see bench/probe.py).
 
 Options every service benchmark takes:

@@ -24,6 +24,7 @@ from collections import defaultdict
 from bench import stack as bench_stack
 from bench.latency import Probe
 from bench.report import heading, machine, median, target
+from kiln.devices import usable_cores
 
 SPEC = {"data": {"dataset": "iris"}, "epochs": 1}
 
@@ -95,7 +96,7 @@ def live_worker(args: argparse.Namespace) -> bool:
     by_pid: dict[int, list[dict]] = defaultdict(list)
     for r in records:
         by_pid[r["claimed"]["pid"]].append(r)
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    cores = usable_cores()
     threads = {pid: jobs[0]["fit_start"]["threads"] for pid, jobs in by_pid.items()}
     later_total = 0
     for pid, jobs in sorted(by_pid.items()):

@@ -36,7 +36,9 @@ from kiln.client import (
     job_eta,
     job_progress,
 )
+from kiln.devices import usable_cores
 from kiln.settings import get_settings
+from kiln.spec import ResourcesSpec
 
 
 def _fail(message: str, code: int = 1) -> NoReturn:
@@ -90,7 +92,7 @@ def default_api_workers(database_url: str) -> int:
     fast on 2 cores, BENCHMARKS.md section 5), at most 4, since each holds up to kiln.db.POOL_SIZE connections."""
     if not database_url.startswith("postgresql"):
         return 1
-    return max(1, min(len(os.sched_getaffinity(0)), 4))
+    return min(usable_cores(), 4)
 
 
 @main.command()
@@ -115,7 +117,7 @@ def up(host: str, port: int, data_dir: Path | None, concurrency: int, api_worker
     signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     from kiln.dispatch import predict_queue, worker_queues
-    from kiln.embedded import EmbeddedRedis
+    from kiln.embedded import EmbeddedRedis, stop_process
     from kiln.launch import worker_command
 
     try:
@@ -176,11 +178,7 @@ def up(host: str, port: int, data_dir: Path | None, concurrency: int, api_worker
         click.echo("\nstopping kiln...")
     finally:
         for child in reversed(children):  # the API first, then the workers (which hand their jobs back)
-            child.terminate()
-            try:
-                child.wait(60)
-            except subprocess.TimeoutExpired:
-                child.kill()
+            stop_process(child, 60)
         if broker:
             broker.stop()
 
@@ -628,8 +626,8 @@ def _describe(section: dict[str, Any] | None) -> str:
 
 def _resources(resources: dict[str, Any] | None) -> str | None:
     """What a job asked for beyond the default (a CPU, fp32, the default queue); None when nothing."""
-    asked = {k: v for k, v in (resources or {}).items()
-             if v is not None and (k, v) not in {("device", "cpu"), ("gpus", 0), ("precision", "fp32")}}
+    defaults = ResourcesSpec().model_dump()
+    asked = {k: v for k, v in (resources or {}).items() if v is not None and v != defaults.get(k)}
     return "  ".join(f"{k} {v}" for k, v in asked.items()) or None
 
 
@@ -651,7 +649,7 @@ def show(job_id: str, as_json: bool, url: str | None) -> None:
     data = spec["data"]
     fields: list[tuple[str, Any]] = [
         ("id", job["id"]), ("name", job["name"] or "-"), ("status", _status(job)),
-        ("waiting", job.get("waiting_reason")),  # absent from servers before 0.1's routing
+        ("waiting", job.get("waiting_reason")),  # absent from older servers
         ("error", job["error"]), ("stopped", job["stop_reason"]),
         ("progress", progress),
         ("dataset", f"{data['dataset']}  val_fraction {data['val_fraction']}"

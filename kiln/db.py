@@ -73,9 +73,10 @@ def make_engine(url: str, idle_transaction_limit_s: float | None = None) -> Engi
 
         return engine
     # Fail fast instead of hanging on a database that stopped answering: connect timeout, TCP keepalives.
+    postgresql = url.startswith("postgresql")
     connect_args = {"connect_timeout": 5, "keepalives": 1, "keepalives_idle": 10, "keepalives_interval": 5,
-                    "keepalives_count": 3} if url.startswith("postgresql") else {}
-    if connect_args and idle_transaction_limit_s:  # see end_idle_transactions_after
+                    "keepalives_count": 3} if postgresql else {}
+    if postgresql and idle_transaction_limit_s:  # see end_idle_transactions_after
         connect_args["options"] = f"-c idle_in_transaction_session_timeout={int(idle_transaction_limit_s * 1000)}"
     # No overflow: a connection opened beyond pool_size is closed again as soon as the pool has pool_size idle
     # ones, and under steady load that was one new PostgreSQL connection (a backend process forked, two thirds
@@ -86,9 +87,8 @@ def make_engine(url: str, idle_transaction_limit_s: float | None = None) -> Engi
     return engine
 
 
-# Per process. Enough for a 40-thread API process whose requests each hold one briefly, and the same ceiling
-# as before per process (10 + 20 overflow); the database's max_connections must cover the API processes and
-# workers at this many each.
+# Per process: enough for a 40-thread API process whose requests each hold one briefly. The database's
+# max_connections must cover the API processes and workers at this many each.
 POOL_SIZE = 30
 # A connection back from the pool after this long idle is pinged first (below).
 PING_AFTER_IDLE_S = 1.0

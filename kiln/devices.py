@@ -1,4 +1,4 @@
-"""The GPUs of this host, as nvidia-smi reports them.
+"""The cores this process may use, and the GPUs of this host as nvidia-smi reports them.
 
 Asked of nvidia-smi rather than torch: importing torch takes seconds, and initialising CUDA in a process that
 later forks (the Celery main process forks its pool) breaks CUDA in every child.
@@ -8,6 +8,13 @@ import os
 import shutil
 import subprocess
 from dataclasses import dataclass
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its affinity, where the platform has one), at least 1."""
+    if hasattr(os, "sched_getaffinity"):
+        return max(1, len(os.sched_getaffinity(0)))
+    return os.cpu_count() or 1
 
 
 @dataclass(frozen=True)

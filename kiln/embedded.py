@@ -98,13 +98,8 @@ class EmbeddedRedis:
             return False
 
     def stop(self) -> None:
-        if self.process and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        if self.process:
+            stop_process(self.process, 10)
         if self.process and self.process.stderr:
             self.process.stderr.close()
 

@@ -19,7 +19,7 @@ from kiln.tables import ApiKey
 
 PREFIX = "kiln"
 OWNER_PATTERN = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
-_KEY = re.compile(r"^kiln_([0-9a-f]{12})_[A-Za-z0-9_-]{43}$")
+_KEY = re.compile(rf"^{PREFIX}_([0-9a-f]{{12}})_[A-Za-z0-9_-]{{43}}$")
 
 
 def digest(key: str) -> str:

@@ -1,5 +1,6 @@
 """How `kiln worker` turns a host into Celery worker processes: one per GPU, pinned to it with
-CUDA_VISIBLE_DEVICES, consuming the GPU queue; and a CPU worker (N pool processes) consuming the CPU queue.
+CUDA_VISIBLE_DEVICES, consuming the GPU queue; and a CPU worker (N pool processes) consuming the CPU queue, on a
+host without GPUs or when --concurrency asks for one beside them.
 Both take the jobs that may run anywhere (device "auto") and any named pools (`--queue`)."""
 
 import os

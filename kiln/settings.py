@@ -36,7 +36,7 @@ class Settings(BaseSettings):
     s3_region: str = Field(default="", pattern=r"^[a-z0-9\-]*$")
     # The single API key of this deployment; empty means the key file under data_dir.
     api_key: SecretStr = SecretStr("")
-    # Celery queue that CPU jobs are sent to.
+    # Celery queue that CPU jobs are sent to, and the prefix of the others (.gpu, .auto, .predict, .<pool>).
     queue: str = Field(default="kiln", pattern=r"^[A-Za-z0-9_.\-]{1,64}$")
 
     # Worker leases: a running job whose lease is not renewed for lease_s is considered lost.

@@ -3,7 +3,7 @@
 Paths and keys are built from validated ids and fixed file names only, never from user strings. Both stores lay
 files out alike (jobs/<id>/weights.safetensors, jobs/<id>/checkpoints/epoch-000003.safetensors,
 datasets/<id>/data.safetensors). Workers write files to a local scratch directory and hand them to the store
-(put_*), so with S3 no filesystem is shared between the API and the workers.
+(put_*); the API hands it uploads' bytes. So with S3 no filesystem is shared between the API and the workers.
 """
 
 import errno
@@ -104,8 +104,8 @@ class StoreUnavailable(RuntimeError):
 
 
 class Store(Protocol):
-    """What the API and the workers need of an artifact store. put_* take ownership of the local file (moved
-    into the store, or uploaded and deleted); an object is visible only once whole."""
+    """What the API and the workers need of an artifact store. put_* given a local file take ownership of it
+    (moved into the store, or uploaded and deleted); an object is visible only once whole."""
 
     def open_artifact(self, job_id: str, name: str) -> BinaryIO | None:
         """A job's WEIGHTS or ENCODER, opened (seekable, with a fileno), or None if it is not there."""

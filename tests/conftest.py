@@ -112,11 +112,11 @@ class Stack:
     def wait_for_job(self, client: httpx.Client, job_id: str, predicate, timeout: float = 120) -> dict:
         return wait_for_job(client, job_id, predicate, timeout)
 
-    def kiln(self, *args: str) -> subprocess.CompletedProcess:
-        """Runs the `kiln` command against this stack's database, as an operator would."""
+    def kiln(self, *args: str, **env: str) -> subprocess.CompletedProcess:
+        """Runs the `kiln` command against this stack's database, as an operator would (env: KILN_... on top)."""
         return subprocess.run(
-            [sys.executable, "-m", "kiln.cli", *args], env=self.env, cwd=ROOT, capture_output=True, text=True,
-            timeout=60,
+            [sys.executable, "-m", "kiln.cli", *args], env={**self.env, **env}, cwd=ROOT, capture_output=True,
+            text=True, timeout=60,
         )
 
     def create_key(self, owner: str) -> str:

@@ -80,10 +80,8 @@ def test_wait_returns_the_final_job(sdk, iris_job):
 def test_wait_raises_a_clear_timeout_error(sdk):
     job = sdk.submit(LONG)
     try:
-        started = time.monotonic()
         with pytest.raises(TimeoutError, match=rf"job {job['id']} is still (queued|running) .*after 0.5 s"):
             sdk.wait(job["id"], timeout=0.5, poll=0.1)
-        assert time.monotonic() - started < 5
     finally:
         sdk.cancel(job["id"])
     assert sdk.wait(job["id"], timeout=120, poll=0.1)["status"] == "cancelled"
@@ -301,7 +299,7 @@ def test_stream_raises_for_an_unknown_job_and_when_the_server_stays_away():
         with pytest.raises(KilnError) as error:
             list(client.stream("j1", poll=0.01, reconnect_for=0.3))
         assert error.value.status == 0 and "Connection refused" in error.value.message
-        assert 0.3 <= time.monotonic() - started < 5
+        assert time.monotonic() - started >= 0.3, "gave up before reconnect_for"
 
 
 def test_download_refuses_a_damaged_file(tmp_path):

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from sqlalchemy.orm import Session
 
+from kiln.client import TERMINAL
 from kiln.db import make_engine, utcnow
 from kiln.tables import Dataset, Job, JobStatus
 from tests.conftest import second_api
@@ -17,7 +18,6 @@ from tests.test_api import assert_error
 
 pytestmark = pytest.mark.e2e
 
-TERMINAL = {"succeeded", "failed", "cancelled"}
 SMALL_LIMIT = 64 * 1024  # KILN_MAX_UPLOAD_BYTES of the second API server below
 DATASET_KEYS = {"id", "name", "task", "rows", "features", "classes", "labels", "created_at"}
 

@@ -49,6 +49,7 @@ def finished_stream(stack):
             t.start()
         for t in threads:
             t.join(120)
+        assert not any(t.is_alive() for t in threads), "a stream did not end within 120 s"
         metrics = client.get(f"/v1/jobs/{job['id']}/metrics").json()["epochs"]
     return job, streams, metrics
 

@@ -29,6 +29,7 @@ import torch
 from safetensors.torch import load_file
 from sqlalchemy import make_url
 
+from kiln.client import TERMINAL
 from kiln.dispatch import TRAIN_TASK, make_celery
 from kiln.embedded import EmbeddedRedis, free_port, wait_until
 from kiln.launch import worker_command
@@ -39,7 +40,6 @@ from tests.netproxy import CuttableProxy
 
 pytestmark = pytest.mark.faults
 
-TERMINAL = {"succeeded", "failed", "cancelled"}
 # About half a second an epoch on this machine: long enough to kill mid-epoch, short enough to run.
 SLOW = {
     "data": {"dataset": "regression", "samples": 12000},

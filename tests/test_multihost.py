@@ -39,29 +39,26 @@ import redis
 from safetensors import safe_open
 from sqlalchemy import create_engine, make_url, text
 
+from kiln.client import TERMINAL
 from kiln.dispatch import make_celery, worker_queues
 from kiln.embedded import free_port, redis_server_binary, wait_until
 from kiln.launch import worker_command
 from kiln.migrate import upgrade
 from kiln.settings import Settings
 from kiln.storage import WEIGHTS
+from tests import test_faults
 from tests.conftest import api_command, start_process, wait_for_job
 from tests.netproxy import CuttableProxy
-from tests.test_faults import TERMINAL
 from tests.test_s3 import BUCKET, CREDENTIALS
 
 pytestmark = pytest.mark.faults
 
 JOBS = 20
 EPOCHS = 10
-# test_s3's SLOW job on fewer rows: under half a second an epoch with four pool processes (and other suites) sharing
-# this machine's two cores, so a job takes some seconds: long enough to be cut mid-job, short enough to run twenty.
-SPEC = {
-    "data": {"dataset": "regression", "samples": 2000},
-    "model": {"type": "mlp", "hidden": [64, 64], "dropout": 0.1},
-    "optimizer": {"type": "sgd", "lr": 0.01, "momentum": 0.9},
-    "epochs": EPOCHS, "batch_size": 32,
-}
+# test_faults' SLOW job on fewer rows: under half a second an epoch with four pool processes (and other suites)
+# sharing this machine's two cores, so a job takes some seconds: long enough to be cut mid-job, short enough to run
+# twenty. Each job gets a seed of its own.
+SPEC = {**test_faults.SLOW, "data": {"dataset": "regression", "samples": 2000}, "epochs": EPOCHS}
 PREFIX = "kiln/multihost"
 WORKERS = ("w1", "w2")
 
@@ -462,11 +459,12 @@ def test_worker_link_cut_mid_run(cluster: Cluster):
     stray = sorted(keys - {f"{PREFIX}/jobs/{i}/{WEIGHTS}" for i in ids})
     assert all(any(f"/jobs/{j}/checkpoints/" in k for j in cut_jobs) for k in stray), stray
 
+    # What was measured; the invariants (every job succeeded, each epoch recorded once, no write after the
+    # restore, no interleaved writes) are asserted above, not printed as figures.
     figures = {
-        "submitted": JOBS, "succeeded": JOBS, "lost": 0, "cut_off": len(cut_jobs),
+        "submitted": JOBS, "succeeded": sum(j["status"] == "succeeded" for j in jobs), "cut_off": len(cut_jobs),
         "finished_by_w1": sum(w == "w1@multihost" for w in finishers.values()),
         "finished_by_w2": sum(w == "w2@multihost" for w in finishers.values()),
-        "epochs_recorded_twice": 0, "interleaved_writes": len(interleaved), "writes_after_restore": 0,
         "stray_checkpoints": len(stray),
     }
     line = "FAULT worker's link cut mid-run (3 hosts): " + " ".join(f"{k}={v}" for k, v in figures.items())

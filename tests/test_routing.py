@@ -15,6 +15,7 @@ from kiln.devices import Gpu, parse_nvidia_smi, visible
 from kiln.dispatch import train_queue, worker_queues
 from kiln.embedded import wait_until
 from kiln.launch import choose_gpus, plan, worker_command
+from kiln.migrate import upgrade
 from kiln.settings import Settings
 from kiln.spec import ResourcesSpec
 from tests.conftest import ROOT, start_process, stop_process
@@ -116,7 +117,7 @@ def test_a_gpu_job_waits_with_its_reason_and_never_runs_on_a_cpu_worker(stack, c
     assert client.post(f"/v1/jobs/{gpu_job['id']}/cancel").json()["status"] == "cancelled"
 
 
-def test_a_named_pool_serves_its_jobs_once_kiln_worker_joins_it(stack, client):
+def test_a_named_pool_serves_its_jobs_once_kiln_worker_joins_it(stack, client, make_database):
     pool = f"pool-{uuid.uuid4().hex[:6]}"
     job = client.post("/v1/jobs", json={**SMALL, "resources": {"queue": pool}}).json()
     assert job["waiting_reason"] == (f"no live worker takes jobs from queue '{stack.settings.queue}.{pool}'; "
@@ -129,6 +130,10 @@ def test_a_named_pool_serves_its_jobs_once_kiln_worker_joins_it(stack, client):
         assert done["worker"].startswith("kiln-") and done["waiting_reason"] is None
         (me,) = [w for w in client.get("/v1/workers").json()["items"] if w["name"] == done["worker"]]
         assert stack.kiln("worker-health").returncode == 0  # the container healthcheck of a worker host
+        nobody = make_database()  # a deployment where no worker on this host has reported
+        upgrade(nobody)
+        unhealthy = stack.kiln("worker-health", KILN_DATABASE_URL=nobody)
+        assert unhealthy.returncode == 1 and "has reported within KILN_LEASE_S" in unhealthy.stderr
         assert me["queues"] == sorted([stack.settings.queue, f"{stack.settings.queue}.auto",
                                        f"{stack.settings.queue}.{pool}"])
     finally:

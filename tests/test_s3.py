@@ -16,12 +16,14 @@ import pytest
 import torch
 from safetensors.torch import load
 
+from kiln.client import TERMINAL
 from kiln.dispatch import make_celery, predict_queue, worker_queues
 from kiln.embedded import free_port, stop_process, wait_until
 from kiln.launch import worker_command
 from kiln.migrate import upgrade
 from kiln.settings import Settings
 from kiln.storage import DATASET, ENCODER, WEIGHTS, S3Store, StoreUnavailable, checkpoint_name
+from tests import test_faults
 from tests.conftest import Stack, _api_ready, answers, api_command, second_api, start_process, wait_for_job
 from tests.test_storage import check_checkpoint_lifecycle
 
@@ -29,15 +31,9 @@ pytestmark = pytest.mark.e2e
 
 BUCKET = "kiln-artifacts"
 CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
-TERMINAL = {"succeeded", "failed", "cancelled"}
 # test_faults' SLOW job on a quarter of its rows: a tenth of a second an epoch here (idle), still long enough to
 # kill the worker mid-job, and short enough to train twice (killed, and the uninterrupted reference).
-SLOW = {
-    "data": {"dataset": "regression", "samples": 3000},
-    "model": {"type": "mlp", "hidden": [64, 64], "dropout": 0.1},
-    "optimizer": {"type": "sgd", "lr": 0.01, "momentum": 0.9},
-    "epochs": 8, "batch_size": 32, "seed": 3,
-}
+SLOW = {**test_faults.SLOW, "data": {"dataset": "regression", "samples": 3000}}
 
 
 @pytest.fixture(scope="module")

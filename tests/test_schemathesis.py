@@ -17,6 +17,7 @@ and the seed; a deep run is e.g. `KILN_SCHEMATHESIS_EXAMPLES=1000 scripts/test.s
 """
 
 import json
+import math
 import os
 import re
 import subprocess
@@ -33,6 +34,7 @@ import schemathesis
 
 from api.routes.jobs import SPEC_EXAMPLES
 from kiln.catalog import BUILTIN_DATASETS
+from kiln.client import TERMINAL
 from kiln.dispatch import make_celery, predict_queue
 from kiln.embedded import free_port, wait_until
 from kiln.launch import worker_command
@@ -49,7 +51,6 @@ SEED = int(os.environ.get("KILN_SCHEMATHESIS_SEED", "1"))
 # sent without a key or with a wrong one, must refuse it.
 CHECKS = ["not_a_server_error", "status_code_conformance", "content_type_conformance", "response_schema_conformance",
           "ignored_auth"]
-TERMINAL = {"succeeded", "failed", "cancelled"}
 
 # An event stream of a job that never ends (they stay queued here) is read until the request timeout: keep that
 # short for the one streaming route, and its examples few. And a JobSpec names a dataset by a free string that only
@@ -263,7 +264,6 @@ def test_every_answer_on_a_succeeded_job_conforms(target):
     rows = {"seed-iris": [[5.1, 3.5, 1.4, 0.2], [6.7, 3.0, 5.2, 2.3]], "seed-diabetes": [[0.01] * 10],
             "seed-autoencoder": [[13.0, 2.0, 2.4, 19.0, 100.0, 2.3, 2.0, 0.3, 1.6, 5.0, 1.0, 2.6, 750.0]],
             "seed-on-upload": [[0.5, -0.5]], "seed-diverges": [[0.0] * 10]}
-    answered = 0
     for name, job in jobs.items():
         calls = [("/v1/jobs/{job_id}", "GET", {}, None), ("/v1/jobs/{job_id}/metrics", "GET", {}, None),
                  ("/v1/jobs/{job_id}/metrics", "GET", {"since": 1}, None), ("/v1/jobs/{job_id}/history", "GET", {}, None),
@@ -276,9 +276,7 @@ def test_every_answer_on_a_succeeded_job_conforms(target):
             kwargs = {"body": body} if body is not None else {}
             case = operation.Case(path_parameters={"job_id": job["id"]}, query=query, **kwargs)
             response = case.call_and_validate(headers=auth, checks=checks)
-            answered += 1
             assert response.status_code < 500, (name, method, path, response.text)
-    assert answered >= 40
 
 
 def test_predictions_are_finite_numbers_or_a_422(target):
@@ -290,4 +288,4 @@ def test_predictions_are_finite_numbers_or_a_422(target):
             if response.status_code == 200:
                 answer = response.json()
                 values = answer["predictions"] + [p for row in answer["probabilities"] or [] for p in row]
-                assert all(isinstance(v, int | float) for v in values), (name, answer)
+                assert all(isinstance(v, int | float) and math.isfinite(v) for v in values), (name, answer)

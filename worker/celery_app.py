@@ -17,6 +17,7 @@ from celery.signals import (
 )
 
 from kiln.db import end_idle_transactions_after, reset_engine
+from kiln.devices import usable_cores
 from kiln.dispatch import make_celery
 from kiln.logs import use_json
 from kiln.settings import get_settings
@@ -55,8 +56,7 @@ def _before_forking(sender=None, **_) -> None:
 
 def torch_threads(pool_size: int) -> int:
     """Torch threads for each of `pool_size` processes sharing this machine's cores (those this process may run on)."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return max(1, cores // pool_size)
+    return max(1, usable_cores() // pool_size)
 
 
 @worker_process_init.connect
@@ -68,7 +68,8 @@ def _init_child(**_) -> None:
     from worker.runner import shutdown_requested
 
     signal.signal(HANDBACK_SIGNAL, lambda *_: shutdown_requested.set())
-    # Share the cores among the pool processes so they never oversubscribe them: by the pool's real size (a
+    # Share the cores among this Celery worker's pool processes so they never oversubscribe them (several Celery
+    # workers on one host, as `kiln worker` runs on a GPU host, each size their own): by the pool's real size (a
     # `celery ... --concurrency N` command line sets no KILN_WORKER_CONCURRENCY), else by the setting.
     threads = torch_threads(_pool_size or get_settings().worker_concurrency)
     torch.set_num_threads(threads)

@@ -7,7 +7,6 @@ browser revalidates (a cheap 304) and an upgraded server is never hidden behind 
 """
 
 import hashlib
-import mimetypes
 import re
 from dataclasses import dataclass
 from functools import cache
@@ -66,8 +65,7 @@ def _assets() -> dict[str, Asset]:
     for path in sorted(DASHBOARD_DIR.iterdir()):
         if path.is_file() and (path.name == "index.html" or _ASSET_NAME.match(path.name)):
             body = path.read_bytes()
-            media_type = _TYPES.get(path.suffix) or mimetypes.guess_type(path.name)[0] or "application/octet-stream"
-            found[path.name] = Asset(body, media_type, f'"{hashlib.sha256(body).hexdigest()[:32]}"')
+            found[path.name] = Asset(body, _TYPES[path.suffix], f'"{hashlib.sha256(body).hexdigest()[:32]}"')
     return found
 
 

@@ -96,8 +96,7 @@ def create_job(
     if not created.new:
         response.status_code = status.HTTP_200_OK
     response.headers["Location"] = f"/v1/jobs/{created.job.id}"
-    job = created.job
-    return JobOut.of(job, service.latest_metrics(session, job), service.waiting(session, [job]).get(job.id))
+    return service.job_out(session, created.job)
 
 
 @router.get("", response_model=JobList, operation_id="listJobs", responses=error_responses())
@@ -145,8 +144,7 @@ async def get_job(job_id: str, request: Request) -> Response:
     },
 )
 def cancel_job(job_id: str, session: SessionDep, owner: OwnerDep) -> JobOut:
-    job = service.cancel_job(session, owner, job_id)
-    return JobOut.of(job, service.latest_metrics(session, job))
+    return service.job_out(session, service.cancel_job(session, owner, job_id))
 
 
 @router.get(

@@ -284,9 +284,9 @@ def create_dataset(
 
 
 def get_dataset(session: Session, owner: str, dataset_id: str) -> Dataset:
-    if not is_id(dataset_id):
-        raise NotFound(f"No dataset with id {dataset_id[:100]!r}.")
-    dataset = session.scalar(select(Dataset).where(Dataset.id == dataset_id, Dataset.owner == owner))
+    dataset = None
+    if is_id(dataset_id):  # anything else names no dataset, and never reaches the database
+        dataset = session.scalar(select(Dataset).where(Dataset.id == dataset_id, Dataset.owner == owner))
     if dataset is None:
         raise NotFound(f"No dataset with id {dataset_id[:100]!r}.")
     return dataset

@@ -1,7 +1,8 @@
 """Live job events for Server-Sent Events streams, from one shared database watcher per API process.
 
-However many clients stream, the watcher runs one query per tick over the jobs someone is watching, and a
-second only for the jobs that changed; each stream gets what changed through an in-memory queue. The database
+However many clients stream, the watcher reads the jobs someone is watching once per tick (with one registry
+read while any of them is queued, for its waiting reason), and the new epochs only of the jobs that gained some;
+each stream gets what changed through an in-memory queue. The database
 stays the source of truth: a stream starts (and resumes, from Last-Event-ID) with a read of its own, and fills
 any gap between that read and the watcher's first notice with one more. Nothing is lost if a notice is: the
 next one carries the job's whole state.
@@ -23,7 +24,7 @@ from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
 from api.schemas import EpochMetrics, JobOut
-from api.services.jobs import waiting, with_latest_metrics
+from api.services.jobs import job_out, latest_metrics, waiting
 from kiln.db import get_sessionmaker
 from kiln.tables import TERMINAL, EpochMetric, Job
 
@@ -40,18 +41,13 @@ class Change:
     epochs: list[dict] = field(default_factory=list)
 
 
-def job_payload(job: Job, latest: EpochMetric | None, waiting_reason: str | None) -> dict:
-    return JobOut.of(job, latest, waiting_reason).model_dump(mode="json")
-
-
 def epoch_payload(metric: EpochMetric) -> dict:
     return EpochMetrics.model_validate(metric).model_dump(mode="json")
 
 
-def epochs_after(session: Session, job_id: str, after: int, upto: int | None = None) -> list[EpochMetric]:
-    query = select(EpochMetric).where(EpochMetric.job_id == job_id, EpochMetric.epoch > after)
-    if upto is not None:
-        query = query.where(EpochMetric.epoch <= upto)
+def epochs_after(session: Session, job_id: str, after: int, upto: int) -> list[EpochMetric]:
+    query = select(EpochMetric).where(EpochMetric.job_id == job_id, EpochMetric.epoch > after,
+                                      EpochMetric.epoch <= upto)
     return list(session.scalars(query.order_by(EpochMetric.epoch)))
 
 
@@ -61,7 +57,7 @@ class JobWatcher:
     def __init__(self, interval: float = 0.25) -> None:
         self.interval = interval
         self._queues: dict[str, set[asyncio.Queue[Change]]] = defaultdict(set)
-        self._seen: dict[str, tuple] = {}  # job id -> (status, epochs_completed, cancel_requested, attempt)
+        self._seen: dict[str, tuple] = {}  # job id -> what _poll compares: status, epochs, ..., waiting reason
         self._wake = asyncio.Event()
 
     @contextlib.contextmanager
@@ -104,11 +100,11 @@ class JobWatcher:
                 self._seen[job.id] = state
                 if before == state:
                     continue
-                new = epochs_after(session, job.id, before[1], job.epochs_completed) if before else []
-                latest = new[-1] if new and new[-1].epoch == job.epochs_completed else None
-                if latest is None and job.epochs_completed:
-                    latest = session.get(EpochMetric, (job.id, job.epochs_completed))
-                changes[job.id] = Change(job_payload(job, latest, reasons.get(job.id)), [epoch_payload(m) for m in new])
+                gained = before is not None and before[1] < job.epochs_completed
+                new = epochs_after(session, job.id, before[1], job.epochs_completed) if gained else []
+                # The latest epoch is among `new` when there are new ones: then latest_metrics finds it loaded.
+                payload = JobOut.of(job, latest_metrics(session, job), reasons.get(job.id)).model_dump(mode="json")
+                changes[job.id] = Change(payload, [epoch_payload(m) for m in new])
         return changes
 
 
@@ -166,8 +162,7 @@ TERMINAL_NAMES = frozenset(status.value for status in TERMINAL)
 
 def _read_job(job_id: str) -> dict:
     with get_sessionmaker()() as session:
-        job, latest = session.execute(with_latest_metrics().where(Job.id == job_id)).one()
-        return job_payload(job, latest, waiting(session, [job]).get(job.id))
+        return job_out(session, session.get_one(Job, job_id)).model_dump(mode="json")
 
 
 def _read_epochs(job_id: str, after: int, upto: int) -> list[dict]:

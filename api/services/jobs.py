@@ -78,12 +78,13 @@ def _checked_against_dataset(session: Session, owner: str, spec: JobSpec) -> tup
         return spec, BUILTIN_DATASETS[name]
     upload = session.scalar(select(Dataset).where(Dataset.id == name, Dataset.owner == owner))
     body = spec.model_dump(mode="json")
+    datasets = {name: upload.info()} if upload else {}
     try:
-        spec = JobSpec.model_validate(body, context={"datasets": {name: upload.info()} if upload else {}})
+        spec = JobSpec.model_validate(body, context={"datasets": datasets})
     except ValidationError as exc:
         errors = [{**e, "loc": ("body", *e["loc"])} for e in exc.errors()]
         raise RequestValidationError(errors, body=body) from None
-    return spec, upload.info()
+    return spec, datasets[name]  # validation refuses a name with no dataset
 
 
 def _refuse(field: str, message: str) -> InvalidRequest:
@@ -192,6 +193,11 @@ def latest_metrics(session: Session, job: Job) -> EpochMetric | None:
     if job.epochs_completed == 0:
         return None
     return session.get(EpochMetric, (job.id, job.epochs_completed))
+
+
+def job_out(session: Session, job: Job) -> JobOut:
+    """The job as the API shows it: with its latest epoch and, while queued, why it cannot start yet."""
+    return JobOut.of(job, latest_metrics(session, job), waiting(session, [job]).get(job.id))
 
 
 def list_jobs(

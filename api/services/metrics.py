@@ -100,7 +100,8 @@ def kept_epochs(job_id: str, since: int, max_points: int):
     """The epochs after `since` that a chart of at most `max_points` keeps: every one if they fit; else the first
     and the last and, in each of (max_points - 2) // 4 equal buckets between, the epochs of the lowest and the
     highest train and validation loss (the earliest on a tie), so a spike survives however long the history.
-    One numbering pass and one GROUP BY, no sort per bucket; on SQLite and PostgreSQL alike."""
+    Rows numbered once, each bucket's extremes by GROUP BY and then the earliest epoch holding each, no sort per
+    bucket; on SQLite and PostgreSQL alike."""
     buckets = max(1, (max_points - 2) // 4)
     mine = (EpochMetric.job_id == job_id, EpochMetric.epoch > since)
     n = select(func.count()).where(*mine).scalar_subquery()

@@ -10,11 +10,11 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from sqlalchemy import Connection
 from sqlalchemy.orm import Session
-from starlette.concurrency import run_in_threadpool
 
 from api.errors import Unauthorized, error_response
-from kiln.db import autocommit_connection, get_sessionmaker
+from kiln.db import get_sessionmaker, read_on_loop
 from kiln.keys import digest, find_key
 
 # The owner of the deployment's own key (KILN_API_KEY, or the key file `kiln up` writes).
@@ -81,7 +81,7 @@ class Authenticate:
         # Digests compared in constant time, so a key cannot be guessed byte by byte from timings.
         if hmac.compare_digest(digest(key), self.deployment_digest):
             return DEFAULT_OWNER
-        row = await run_in_threadpool(_find, key)
+        row = await read_on_loop(_find, key)
         if row is None:
             raise Unauthorized(
                 "Unknown API key; use the key `kiln up` printed, KILN_API_KEY, or one from `kiln keys create`."
@@ -91,6 +91,6 @@ class Authenticate:
         return row.owner
 
 
-def _find(key: str):
-    with autocommit_connection() as conn, Session(conn) as session:  # one round trip: no BEGIN, no ROLLBACK
+def _find(conn: Connection, key: str):
+    with Session(conn) as session:  # on an autocommit connection: one round trip, no BEGIN, no ROLLBACK
         return find_key(session, key)

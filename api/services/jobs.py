@@ -9,7 +9,7 @@ from typing import BinaryIO
 
 from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
-from sqlalchemy import and_, bindparam, case, func, literal, select, text, update
+from sqlalchemy import Connection, and_, bindparam, case, func, literal, select, text, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -17,7 +17,7 @@ from api.errors import Conflict, InvalidRequest, NotFound, TooManyRequests
 from api.schemas import EpochMetrics, JobOut
 from api.services.pagination import decode_cursor, encode_cursor
 from kiln.catalog import BUILTIN_DATASETS, DatasetInfo
-from kiln.db import UTCDateTime, autocommit_connection, utcnow
+from kiln.db import UTCDateTime, utcnow
 from kiln.dispatch import publish_job, train_queue
 from kiln.history import record
 from kiln.model_size import estimate_parameters, output_size
@@ -155,8 +155,8 @@ def with_latest_metrics():
 # GET /v1/jobs/{id} is the route clients poll, so its read is cut down (BENCHMARKS.md, section 5, has what each
 # cut bought): one Core statement built once, not per request (building it and its cache key was a fifth of the
 # route's CPU); plain rows, not ORM objects; an autocommit connection, not a session (one round trip: no BEGIN,
-# no ROLLBACK). The row carries every column of the job under its own name, and the latest epoch's columns
-# as latest_<name>.
+# no ROLLBACK), on the event loop (kiln.db.read_on_loop). The row carries every column of the job under its own
+# name, and the latest epoch's columns as latest_<name>.
 METRIC_FIELDS = list(EpochMetrics.model_fields)  # also api.services.metrics's columns
 _job, _epoch = Job.__table__, EpochMetric.__table__
 _POLLED = (
@@ -166,21 +166,20 @@ _POLLED = (
 )
 
 
-def job_json(owner: str, job_id: str) -> bytes:
+def job_json(conn: Connection, owner: str, job_id: str) -> bytes:
     """GET /v1/jobs/{id}: the job and its latest epoch in one query, serialised once. The row stands in for the
     Job: it has the job's columns under their names, which is what JobOut.of and waiting() read."""
     _check_id(job_id)
-    with autocommit_connection() as conn:
-        job = conn.execute(_POLLED, {"job_id": job_id, "owner": owner}).first()
-        if job is None:
-            raise _no_job(job_id)
-        latest = None
-        if job.latest_epoch is not None:
-            latest = EpochMetrics(**{name: job._mapping[f"latest_{name}"] for name in METRIC_FIELDS})
-        reason = None
-        if job.status == JobStatus.queued:  # waiting() has nothing to say about the others
-            with Session(conn) as session:
-                reason = waiting(session, [job]).get(job.id)
+    job = conn.execute(_POLLED, {"job_id": job_id, "owner": owner}).first()
+    if job is None:
+        raise _no_job(job_id)
+    latest = None
+    if job.latest_epoch is not None:
+        latest = EpochMetrics(**{name: job._mapping[f"latest_{name}"] for name in METRIC_FIELDS})
+    reason = None
+    if job.status == JobStatus.queued:  # waiting() has nothing to say about the others
+        with Session(conn) as session:
+            reason = waiting(session, [job]).get(job.id)
     return JobOut.of(job, latest, reason).model_dump_json().encode()
 
 

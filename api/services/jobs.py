@@ -155,12 +155,14 @@ def with_latest_metrics():
 # GET /v1/jobs/{id} is the route clients poll, so its read is cut down (BENCHMARKS.md, section 5, has what each
 # cut bought): one Core statement built once, not per request (building it and its cache key was a fifth of the
 # route's CPU); plain rows, not ORM objects; an autocommit connection, not a session (one round trip: no BEGIN,
-# no ROLLBACK), on the event loop (kiln.db.read_on_loop). The row carries every column of the job under its own
-# name, and the latest epoch's columns as latest_<name>.
+# no ROLLBACK), on the event loop (kiln.db.read_on_loop); only the columns shown. The row carries the job's
+# columns that JobOut shows, and its queue (waiting() reads it), under their own names, and the latest epoch's
+# columns as latest_<name>.
 METRIC_FIELDS = list(EpochMetrics.model_fields)  # also api.services.metrics's columns
 _job, _epoch = Job.__table__, EpochMetric.__table__
 _POLLED = (
-    select(_job, *(_epoch.c[name].label(f"latest_{name}") for name in METRIC_FIELDS))
+    select(*(c for c in _job.c if c.name in JobOut.model_fields or c.name == "queue"),
+           *(_epoch.c[name].label(f"latest_{name}") for name in METRIC_FIELDS))
     .outerjoin(_epoch, and_(_epoch.c.job_id == _job.c.id, _epoch.c.epoch == _job.c.epochs_completed))
     .where(_job.c.id == bindparam("job_id"), _job.c.owner == bindparam("owner"))
 )

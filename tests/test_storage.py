@@ -1,7 +1,9 @@
-"""Artifact paths come from canonical ids only; nothing outside the store is ever served."""
+"""Artifact paths come from canonical ids only; nothing outside the store is ever served. A worker's writes to
+the store ride out an outage shorter than the lease."""
 
 import errno
 import os
+import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -16,10 +18,12 @@ from kiln.storage import (
     LocalStore,
     S3Store,
     Store,
+    StoreUnavailable,
     checkpoint_name,
     make_store,
     parse_id,
 )
+from worker.runner import _retrying
 
 
 @pytest.mark.parametrize(
@@ -155,3 +159,34 @@ def test_s3_prefix_is_validated(prefix):
     with pytest.raises(ValidationError, match="KILN_S3_PREFIX"):
         Settings(s3_prefix=prefix)
     assert Settings(s3_prefix="kiln/prod/").s3_prefix == "kiln/prod"
+
+
+def _failing(times: int, error: Exception) -> Callable[[], str]:
+    """A store write that fails `times` times (-1: always), then returns "stored"."""
+    calls = 0
+
+    def write() -> str:
+        nonlocal calls
+        calls += 1
+        if times < 0 or calls <= times:
+            raise error
+        return "stored"
+
+    return write
+
+
+def test_a_store_write_rides_out_an_outage_shorter_than_the_lease(tmp_path):
+    settings = Settings(data_dir=tmp_path, lease_s=5, heartbeat_s=1)
+    down = StoreUnavailable("The artifact store s3://b/ failed while writing: S3 is unreachable.")
+    assert _retrying(_failing(2, down), settings, "storing the weights") == "stored"
+
+
+def test_a_store_down_for_the_whole_lease_fails_with_its_sentence_and_how_long(tmp_path):
+    settings = Settings(data_dir=tmp_path, lease_s=1, heartbeat_s=0.3)
+    down = StoreUnavailable("The artifact store s3://b/ failed while writing: S3 is unreachable.")
+    started = time.monotonic()
+    with pytest.raises(StoreUnavailable) as raised:
+        _retrying(_failing(-1, down), settings, "storing the weights")
+    assert time.monotonic() - started >= 0.5  # retried, not given up at the first failure
+    assert str(raised.value) == ("The artifact store s3://b/ failed while writing: S3 is unreachable. "
+                                 "Still failing after 1 s of retries.")

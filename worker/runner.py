@@ -161,7 +161,7 @@ def _retrying(write: Callable[[], T], settings: Settings, what: str) -> T:
             store = isinstance(exc, StoreUnavailable)
             if time.monotonic() + delay > deadline:
                 if store:
-                    raise
+                    raise StoreUnavailable(f"{exc} Still failing after {settings.lease_s:.0f} s of retries.") from exc
                 raise LeaseLost(f"database unreachable for {settings.lease_s:.0f} s while {what}") from None
             log.warning("%s unreachable while %s; retrying in %.1f s", "artifact store" if store else "database",
                         what, delay)
@@ -297,10 +297,10 @@ def run_job(job_id: str, worker: str, settings: Settings | None = None) -> JobSt
         log.warning("job %s: attempt %d stopped without writing (%s)", job_id, job_claim.attempt,
                     str(exc) or "superseded")
         return None
-    except StoreUnavailable as exc:  # unreachable for longer than the lease: say so, rather than "unexpected"
+    except StoreUnavailable as exc:  # the store's own sentence (and, for a write, how long it was retried)
         log.error("job %s: %s", job_id, exc)
         with contextlib.suppress(LeaseLost):
-            error = f"the artifact store was unavailable for over {settings.lease_s:.0f} s: {exc}"
+            error = str(exc)
             _finish(job_claim, settings, JobStatus.failed, error, None, finished_at=utcnow(), error=error)
         return JobStatus.failed
     except Exception as exc:  # a bug or a resource error: fail the job with a sentence, not silence

@@ -5,9 +5,10 @@ import os
 import threading
 
 import pytest
-from sqlalchemy import Connection, literal, select
+from sqlalchemy import Connection, literal, select, text
 
-from kiln.db import READ_POOL_SIZE, get_read_engine, read_on_loop, reset_engine
+import kiln.db
+from kiln.db import READ_POOL_SIZE, get_engine, get_read_engine, read_on_loop, reset_engine
 from kiln.settings import get_settings
 
 ON_POSTGRESQL = bool(os.environ.get("KILN_TEST_DATABASE_URL"))
@@ -56,3 +57,26 @@ def test_more_concurrent_reads_than_connections_all_complete_in_order(kiln_datab
             await _dispose()
 
     assert [value for value, _ in asyncio.run(main())] == list(range(count))
+
+
+def _backend(conn: Connection) -> int:
+    return conn.scalar(text("SELECT pg_backend_pid()"))
+
+
+@pytest.mark.skipif(not ON_POSTGRESQL, reason="the read engine is PostgreSQL's (set KILN_TEST_DATABASE_URL)")
+def test_a_read_after_the_server_dropped_its_connection_gets_a_fresh_one(kiln_database, monkeypatch):
+    # As after a database restart or a failover: the pooled connection is dead. It is pinged, being idle (here
+    # after 0 s), found dead and replaced; without the ping the read would fail.
+    monkeypatch.setattr(kiln.db, "PING_AFTER_IDLE_S", 0.0)
+
+    async def main():
+        try:
+            first = await read_on_loop(_backend)
+            with get_engine().connect() as admin:
+                assert admin.scalar(text("SELECT pg_terminate_backend(:pid)"), {"pid": first})
+            return first, await read_on_loop(_backend)
+        finally:
+            await _dispose()
+
+    first, second = asyncio.run(main())
+    assert second != first

@@ -258,3 +258,11 @@ def pytest_runtest_makereport(item, call):
     report = yield
     setattr(item, f"rep_{report.when}", report)
     return report
+
+
+def pytest_collection_modifyitems(items):
+    # A test on the running stack (API server, worker, broker) is end to end whichever module holds it, so
+    # `-m "not e2e"` selects the tests that need no services.
+    for item in items:
+        if "stack" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.e2e)

@@ -11,9 +11,10 @@ from typing import Annotated
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy import Connection
+from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.orm import Session
 
-from api.errors import Unauthorized, error_response
+from api.errors import Unauthorized, database_unavailable, error_response
 from kiln.db import get_sessionmaker, read_on_loop
 from kiln.keys import digest, find_key
 
@@ -69,6 +70,9 @@ class Authenticate:
             owner = await self.owner_of(dict(scope["headers"]).get(b"authorization", b"").decode("latin-1"))
         except Unauthorized as err:
             await error_response(err.status, err.code, err.message, headers=err.headers)(scope, receive, send)
+            return
+        except (OperationalError, InterfaceError) as exc:  # outside the app's handlers: answer as they would
+            await database_unavailable(exc)(scope, receive, send)
             return
         scope.setdefault("state", {})["owner"] = owner
         await self.app(scope, receive, send)

@@ -84,6 +84,15 @@ def _field_path(loc: tuple, body: Any) -> str:
     return ".".join(parts)
 
 
+def database_unavailable(exc: DBAPIError) -> JSONResponse:
+    """The answer to a request the database could not serve (down, restarting, cut off): a 503 to retry."""
+    log.warning("database error: %s", exc.__class__.__name__, exc_info=exc)
+    return error_response(
+        503, "database_unavailable", "The database is unavailable; try again in a few seconds.",
+        headers={"Retry-After": "5"},
+    )
+
+
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
@@ -113,11 +122,7 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(OperationalError)
     @app.exception_handler(InterfaceError)
     async def _database(_: Request, exc: DBAPIError) -> JSONResponse:
-        log.warning("database error: %s", exc.__class__.__name__, exc_info=exc)
-        return error_response(
-            503, "database_unavailable", "The database is unavailable; try again in a few seconds.",
-            headers={"Retry-After": "5"},
-        )
+        return database_unavailable(exc)
 
     @app.exception_handler(StoreUnavailable)
     async def _store(_: Request, exc: StoreUnavailable) -> JSONResponse:

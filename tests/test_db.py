@@ -4,25 +4,36 @@ import asyncio
 import os
 import threading
 
+import httpx
 import pytest
 from sqlalchemy import Connection, literal, select, text
 
 import kiln.db
+from api.deps import Authenticate
 from kiln.db import READ_POOL_SIZE, get_engine, get_read_engine, read_on_loop, reset_engine
+from kiln.embedded import free_port
 from kiln.settings import get_settings
 
 ON_POSTGRESQL = bool(os.environ.get("KILN_TEST_DATABASE_URL"))
 
 
 @pytest.fixture
-def kiln_database(database_url, monkeypatch):
-    """This process's kiln settings pointed at the test database, and forgotten afterwards."""
-    monkeypatch.setenv("KILN_DATABASE_URL", database_url)
+def kiln_database_at(monkeypatch):
+    """Points this process's kiln settings at a database URL; they are forgotten afterwards."""
+
+    def use(url: str) -> None:
+        monkeypatch.setenv("KILN_DATABASE_URL", url)
+        get_settings.cache_clear()
+        reset_engine()
+
+    yield use
     get_settings.cache_clear()
     reset_engine()
-    yield
-    get_settings.cache_clear()
-    reset_engine()
+
+
+@pytest.fixture
+def kiln_database(database_url, kiln_database_at):
+    kiln_database_at(database_url)
 
 
 def _where(conn: Connection, value: int) -> tuple[int, int]:
@@ -80,3 +91,25 @@ def test_a_read_after_the_server_dropped_its_connection_gets_a_fresh_one(kiln_da
 
     first, second = asyncio.run(main())
     assert second != first
+
+
+def test_a_key_looked_up_while_the_database_is_down_is_a_503(kiln_database_at):
+    # The Authenticate middleware looks a per-owner key up before the app's error handlers run: it must answer
+    # the outage as they would (503, retry), not let it become a 500.
+    kiln_database_at(f"postgresql+psycopg://postgres@127.0.0.1:{free_port()}/kiln")  # nothing listens there
+
+    async def unreachable(scope, receive, send):
+        raise AssertionError("the request went past a key that could not be checked")
+
+    async def main():
+        try:
+            transport = httpx.ASGITransport(app=Authenticate(unreachable, deployment_key="the-deployment-key"))
+            async with httpx.AsyncClient(transport=transport, base_url="http://kiln") as http:
+                return await http.get("/v1/jobs", headers={"Authorization": f"Bearer kiln_{'0' * 12}_{'a' * 43}"})
+        finally:
+            await _dispose()
+
+    response = asyncio.run(main())
+    assert response.status_code == 503, response.text
+    assert response.json()["error"]["code"] == "database_unavailable"
+    assert response.headers["retry-after"] == "5"

@@ -27,9 +27,7 @@ class CuttableProxy:
         self._open.clear()
         with self._lock:
             for s in self._sockets:
-                with contextlib.suppress(OSError):
-                    s.shutdown(socket.SHUT_RDWR)
-                    s.close()
+                _shut(s)
             self._sockets.clear()
 
     def restore(self) -> None:
@@ -65,7 +63,16 @@ class CuttableProxy:
             while data := source.recv(65536):
                 sink.sendall(data)
         for s in (source, sink):
-            with contextlib.suppress(OSError):
-                s.close()
+            _shut(s)
         with self._lock:
             self._sockets -= {source, sink}
+
+
+def _shut(s: socket.socket) -> None:
+    """Shut down, then close. close() alone does not end a connection whose socket another thread is blocked
+    in recv() on (that call holds the socket open): the connection to PostgreSQL would stay up, idle, with no
+    process behind it, and its backend would count against max_connections until the server restarts."""
+    with contextlib.suppress(OSError):
+        s.shutdown(socket.SHUT_RDWR)
+    with contextlib.suppress(OSError):
+        s.close()

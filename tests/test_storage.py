@@ -175,18 +175,18 @@ def _failing(times: int, error: Exception) -> Callable[[], str]:
     return write
 
 
+DOWN = "The artifact store s3://b/ failed while writing: S3 is unreachable."
+
+
 def test_a_store_write_rides_out_an_outage_shorter_than_the_lease(tmp_path):
     settings = Settings(data_dir=tmp_path, lease_s=5, heartbeat_s=1)
-    down = StoreUnavailable("The artifact store s3://b/ failed while writing: S3 is unreachable.")
-    assert _retrying(_failing(2, down), settings, "storing the weights") == "stored"
+    assert _retrying(_failing(2, StoreUnavailable(DOWN)), settings, "storing the weights") == "stored"
 
 
 def test_a_store_down_for_the_whole_lease_fails_with_its_sentence_and_how_long(tmp_path):
     settings = Settings(data_dir=tmp_path, lease_s=1, heartbeat_s=0.3)
-    down = StoreUnavailable("The artifact store s3://b/ failed while writing: S3 is unreachable.")
     started = time.monotonic()
     with pytest.raises(StoreUnavailable) as raised:
-        _retrying(_failing(-1, down), settings, "storing the weights")
+        _retrying(_failing(-1, StoreUnavailable(DOWN)), settings, "storing the weights")
     assert time.monotonic() - started >= 0.5  # retried, not given up at the first failure
-    assert str(raised.value) == ("The artifact store s3://b/ failed while writing: S3 is unreachable. "
-                                 "Still failing after 1 s of retries.")
+    assert str(raised.value) == f"{DOWN} Still failing after 1 s of retries."

@@ -4,14 +4,16 @@ server in the same run; and GET /v1/jobs/{id}/metrics for a job with 10,000 epoc
     .venv/bin/python -m bench.polling [--duration 10] [--connections 64] [--rounds 3] [--api-workers N]
                                       [--database-url ...]
 
-The stack: a throwaway PostgreSQL database, Redis and the API (uvicorn with as many processes as `kiln up` starts
-on PostgreSQL here, kiln.cli.default_api_workers, unless --api-workers), no worker. Two jobs are submitted through
-the API and then, directly in the database, given a finished history: one succeeded after 10 epochs (the job
-polled), one after 10,000 epochs (the metrics read). Polling uses wrk (Debian's `wrk` package: `apt-get install
-wrk`) with 2 threads, 64 connections and --latency; without wrk on PATH that part is skipped and says so. The
-baseline is /healthz on the same server: no database, no key, the cheapest answer the framework gives; the ratio
-says how much of the server's capacity a job read costs. wrk runs on the same cores as the API and PostgreSQL.
-The two alternate, --rounds times, and the targets are checked on the medians.
+The stack: a throwaway PostgreSQL database, Redis and the API (uvicorn with as many processes as `kiln up` starts on
+PostgreSQL here, kiln.cli.default_api_workers, unless --api-workers), no worker. Three jobs are submitted through
+the API. Two are then given, directly in the database, a finished history: one succeeded after 10 epochs (the job
+polled), one after 10,000 epochs (the metrics read). The third stays queued (no worker runs here), and is polled
+too: a queued job's answer says why it waits, which reads the worker registry. Polling uses wrk (Debian's `wrk`
+package: `apt-get install wrk`) with 2 threads, 64 connections and --latency; without wrk on PATH that part is
+skipped and says so. The baseline is /healthz on the same server: no database, no key, the cheapest answer the
+framework gives; the ratio says how much of the server's capacity a job read costs. wrk runs on the same cores as
+the API and PostgreSQL. They alternate (/healthz, the succeeded job, the queued job), --rounds times, and the
+targets are checked on the medians of each.
 
 The metrics reads are timed from this client, sequentially: the first read of fresh 10,000-epoch histories (no
 API process has rendered them), the same history read again, a history that gains one epoch before each read
@@ -118,9 +120,11 @@ def main() -> int:
     with bench_stack.running(args, api_workers=args.api_workers) as stack, stack.client() as http:
         polled = http.post("/v1/jobs", json=SPEC).json()["id"]
         long = http.post("/v1/jobs", json=SPEC | {"epochs": 10_000}).json()["id"]
+        queued = http.post("/v1/jobs", json=SPEC).json()["id"]
         finish(stack, polled, 10)
         finish(stack, long, 10_000)
         assert http.get(f"/v1/jobs/{polled}").json()["latest_metrics"]["epoch"] == 10
+        assert http.get(f"/v1/jobs/{queued}").json()["waiting_reason"].startswith("no live worker")
 
         heading(f"GET /v1/jobs/{{id}}: wrk, 2 threads, {args.connections} connections, {args.duration} s each, "
                 f"{args.rounds} rounds")
@@ -128,21 +132,25 @@ def main() -> int:
             print("  wrk is not on PATH (Debian: apt-get install wrk): polling not measured")
             ok = False
         else:
-            wrk(stack.url, f"/v1/jobs/{polled}", stack.api_key, args.connections, 2)  # every process warmed up
-            healths, jobs = [], []
+            paths = {"GET /healthz (baseline)": ("/healthz", None),
+                     "GET /v1/jobs/{id}, succeeded": (f"/v1/jobs/{polled}", stack.api_key),
+                     "GET /v1/jobs/{id}, queued": (f"/v1/jobs/{queued}", stack.api_key)}
+            for path, key in paths.values():  # every process warmed up on every path
+                wrk(stack.url, path, key, args.connections, 2)
+            runs: dict[str, list[dict]] = {label: [] for label in paths}
             for i in range(args.rounds):
-                healths.append(wrk(stack.url, "/healthz", None, args.connections, args.duration))
-                jobs.append(wrk(stack.url, f"/v1/jobs/{polled}", stack.api_key, args.connections, args.duration))
-                show(f"round {i + 1}: GET /healthz (baseline)", healths[-1])
-                show(f"round {i + 1}: GET /v1/jobs/{{id}}", jobs[-1])
-            health, job = medians(healths), medians(jobs)
-            show("median: GET /healthz (baseline)", health)
-            show("median: GET /v1/jobs/{id}", job)
-            print(f"  ratio GET /v1/jobs/{{id}} / GET /healthz throughput: {job['rps'] / health['rps']:.2f}")
-            ok &= target("GET /v1/jobs/{id} throughput", f"{job['rps']:,.0f} req/s", ">= 1,500 req/s",
-                         job["rps"] >= 1500)
-            ok &= target("GET /v1/jobs/{id} p99", f"{job['p99']:.1f} ms", "<= 50 ms", job["p99"] <= 50)
-            ok &= target("GET /v1/jobs/{id} errors", f"{job['non2xx']:.0f}", "0", job["non2xx"] == 0)
+                for label, (path, key) in paths.items():
+                    runs[label].append(wrk(stack.url, path, key, args.connections, args.duration))
+                    show(f"round {i + 1}: {label}", runs[label][-1])
+            health, *jobs = (medians(series) for series in runs.values())
+            for label, figures in zip(paths, (health, *jobs), strict=True):
+                show(f"median: {label}", figures)
+            for label, job in zip(list(paths)[1:], jobs, strict=True):
+                print(f"  ratio {label} / GET /healthz throughput: {job['rps'] / health['rps']:.2f}")
+                ok &= target(f"{label} throughput", f"{job['rps']:,.0f} req/s", ">= 1,500 req/s",
+                             job["rps"] >= 1500)
+                ok &= target(f"{label} p99", f"{job['p99']:.1f} ms", "<= 50 ms", job["p99"] <= 50)
+                ok &= target(f"{label} errors", f"{job['non2xx']:.0f}", "0", job["non2xx"] == 0)
 
         heading(f"GET /v1/jobs/{{id}}/metrics for a job with 10,000 epochs: {args.reads} sequential reads each")
 

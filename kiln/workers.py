@@ -2,11 +2,12 @@
 stopped on a clean shutdown. A row whose heartbeat is older than the lease is a lost worker; its jobs are
 recovered by the lease machinery (the reconciler), not by anything here."""
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import func, select, update
+from sqlalchemy import Connection, func, select, update
 from sqlalchemy.orm import Session
 
 from kiln.db import utcnow
@@ -76,20 +77,32 @@ def _state(worker: Worker, now: datetime, lease_s: float) -> str:
     return "online" if now - worker.last_seen <= timedelta(seconds=lease_s) else "lost"
 
 
-def waiting_reasons(session: Session, jobs: list[Job], lease_s: float) -> dict[str, str]:
-    """Why each queued job among `jobs` cannot start, when no live worker could take it (a job merely waiting
-    its turn has no entry): the sentence names the queue and the command that would serve it."""
-    queued = [job for job in jobs if job.status == JobStatus.queued]
-    if not queued:
-        return {}
-    now = utcnow()
-    online = session.scalars(
-        select(Worker).where(Worker.stopped_at.is_(None), Worker.last_seen > now - timedelta(seconds=lease_s))
-    ).all()
+@dataclass(frozen=True)
+class LiveWorker:
+    """What a waiting job's reason needs of a live worker."""
+
+    queues: list[str]
+    devices: list[dict[str, Any]]
+
+
+def live_workers(db: Session | Connection, lease_s: float) -> list[LiveWorker]:
+    """The workers that reported within the lease and have not stopped: two columns, no ORM objects."""
+    rows = db.execute(
+        select(Worker.queues, Worker.devices)
+        .where(Worker.stopped_at.is_(None), Worker.last_seen > utcnow() - timedelta(seconds=lease_s))
+    )
+    return [LiveWorker(queues, devices) for queues, devices in rows]
+
+
+def waiting_reasons(jobs: Sequence[Job], live: Sequence[LiveWorker]) -> dict[str, str]:
+    """Why each queued job among `jobs` cannot start, given the live workers, when none of them could take it (a
+    job merely waiting its turn has no entry): the sentence names the queue and the command that would serve it."""
     reasons = {}
-    for job in queued:
+    for job in jobs:
+        if job.status != JobStatus.queued:
+            continue
         resources = job.spec.get("resources") or {}
-        serving = [w for w in online if job.queue in w.queues]
+        serving = [w for w in live if job.queue in w.queues]
         if resources.get("queue"):
             start = f"start one with `kiln worker --queue {resources['queue']}`"
         elif resources.get("device") == "cuda":

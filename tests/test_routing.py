@@ -7,9 +7,12 @@ import subprocess
 import sys
 import time
 import uuid
+from types import SimpleNamespace
 
 import pytest
 import redis
+from sqlalchemy import event
+from sqlalchemy.orm import Session
 
 from kiln.devices import Gpu, parse_nvidia_smi, visible
 from kiln.dispatch import train_queue, worker_queues
@@ -18,6 +21,8 @@ from kiln.launch import choose_gpus, plan, worker_command
 from kiln.migrate import upgrade
 from kiln.settings import Settings
 from kiln.spec import ResourcesSpec
+from kiln.tables import JobStatus, Worker
+from kiln.workers import report
 from tests.conftest import ROOT, start_process, stop_process
 
 SMALL = {"data": {"dataset": "iris"}, "model": {"type": "mlp", "hidden": [8]}, "epochs": 2}
@@ -67,6 +72,28 @@ def test_gpu_choice_and_device_discovery():
     assert visible(GPUS, "") == [] and visible(GPUS, "7,0") == []  # CUDA stops at the first unknown entry
 
 
+def test_a_queued_jobs_reason_reads_the_registry_at_most_once_a_second(engine, monkeypatch):
+    from api.services import jobs as service
+
+    monkeypatch.setattr(service, "_live", service._live)  # this test's snapshot, none of another's
+    reads = []
+    event.listen(engine, "before_cursor_execute",
+                 lambda *a: reads.append(a[2]) if a[2].startswith("SELECT") and "FROM workers" in a[2] else None)
+    job = SimpleNamespace(id="j", status=JobStatus.queued, queue="kiln.gpu", spec={"resources": {"device": "cuda"}})
+    with Session(engine) as session:
+        assert service.waiting(session, [job]) == {
+            "j": "no live worker takes jobs from queue 'kiln.gpu'; start `kiln worker` on a host with an NVIDIA GPU"}
+        assert service.waiting(session, [SimpleNamespace(id="r", status=JobStatus.running)]) == {}  # no read at all
+        report(session, Worker(name="w@h", host="h", pid=1, queues=["kiln.gpu"], concurrency=1,
+                               devices=[{"id": "cpu", "kind": "cpu"}], version="test"))
+        assert "j" in service.waiting(session, [job]) and len(reads) == 1, "within the second: the snapshot"
+        monkeypatch.setattr(service, "LIVE_WORKERS_MAX_AGE_S", 0.0)  # as if a second had passed
+        assert service.waiting(session, [job]) == {
+            "j": "the live workers on queue 'kiln.gpu' have no usable GPU; "
+                 "start `kiln worker` on a host with an NVIDIA GPU"}
+    assert len(reads) == 2
+
+
 # ---- over HTTP ---------------------------------------------------------------------------------------
 
 
@@ -107,10 +134,11 @@ def test_a_gpu_job_waits_with_its_reason_and_never_runs_on_a_cpu_worker(stack, c
     try:
         wait_until(lambda: "needs a CUDA GPU" in log.read_text(errors="replace"), timeout=60,
                    what="the CPU-only worker to refuse the GPU job")
-        job = client.get(f"/v1/jobs/{gpu_job['id']}").json()
+        # The API reads the live workers at most once a second, so the new reason may take that long to show.
+        reason = (f"the live workers on queue {gpu_queue!r} have no usable GPU; "
+                  "start `kiln worker` on a host with an NVIDIA GPU")
+        job = stack.wait_for_job(client, gpu_job["id"], lambda j: j["waiting_reason"] == reason, timeout=10)
         assert job["status"] == "queued" and job["attempt"] == 0
-        assert job["waiting_reason"] == (f"the live workers on queue {gpu_queue!r} have no usable GPU; "
-                                         "start `kiln worker` on a host with an NVIDIA GPU")
         assert [e["kind"] for e in client.get(f"/v1/jobs/{gpu_job['id']}/history").json()["events"]] == ["queued"]
     finally:
         stop_process(worker)

@@ -2,6 +2,8 @@
 
 import hashlib
 import logging
+import math
+import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -25,7 +27,7 @@ from kiln.settings import Settings, get_settings
 from kiln.spec import JobSpec, training_task
 from kiln.storage import ENCODER, WEIGHTS, Store, is_id
 from kiln.tables import Dataset, EpochMetric, Job, JobEvent, JobStatus
-from kiln.workers import waiting_reasons
+from kiln.workers import LiveWorker, live_workers, waiting_reasons
 
 log = logging.getLogger("kiln.api.jobs")
 
@@ -178,16 +180,28 @@ def job_json(conn: Connection, owner: str, job_id: str) -> bytes:
     latest = None
     if job.latest_epoch is not None:
         latest = EpochMetrics(**{name: job._mapping[f"latest_{name}"] for name in METRIC_FIELDS})
-    reason = None
-    if job.status == JobStatus.queued:  # waiting() has nothing to say about the others
-        with Session(conn) as session:
-            reason = waiting(session, [job]).get(job.id)
-    return JobOut.of(job, latest, reason).model_dump_json().encode()
+    return JobOut.of(job, latest, waiting(conn, [job]).get(job.id)).model_dump_json().encode()
 
 
-def waiting(session: Session, jobs: list[Job]) -> dict[str, str]:
-    """Why the queued ones among `jobs` cannot start yet, by id (no query unless one is queued)."""
-    return waiting_reasons(session, jobs, get_settings().lease_s)
+# A queued job's waiting reason depends on which workers are live, and that changes on the heartbeat's timescale
+# (a worker counts as live for the whole lease after its last report). So each API process reads the registry at
+# most once a second, not on every poll of a queued job: that read was a third of the API's CPU per such poll
+# (BENCHMARKS.md, section 5). One snapshot per process: an API process serves one database.
+LIVE_WORKERS_MAX_AGE_S = 1.0
+_live: tuple[float, list[LiveWorker]] = (-math.inf, [])
+
+
+def waiting(db: Session | Connection, jobs: list[Job]) -> dict[str, str]:
+    """Why the queued ones among `jobs` cannot start yet, by id (no query unless one is queued, and then at most
+    one a second)."""
+    global _live
+    if not any(job.status == JobStatus.queued for job in jobs):
+        return {}
+    read_at, live = _live
+    if time.monotonic() - read_at > LIVE_WORKERS_MAX_AGE_S:
+        live = live_workers(db, get_settings().lease_s)
+        _live = (time.monotonic(), live)
+    return waiting_reasons(jobs, live)
 
 
 def latest_metrics(session: Session, job: Job) -> EpochMetric | None:

@@ -99,11 +99,15 @@ def default_api_workers(database_url: str) -> int:
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address the API binds to.")
 @click.option("--port", default=8000, show_default=True, type=int, help="Port the API listens on.")
 @click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), help="All state goes here.")
-@click.option("--concurrency", default=1, show_default=True, type=int, help="Training processes.")
+@click.option("--concurrency", default=1, show_default=True, type=click.IntRange(0, 256),
+              help="CPU training processes (beside one per GPU).")
+@click.option("--gpus", default="auto", show_default=True,
+              help="GPUs to train on, one process each, as `kiln worker --gpus`: auto, all, none, or indices like 0,2.")
 @click.option("--api-workers", type=click.IntRange(1, 64), default=None,
               help="API processes (uvicorn --workers). Default: 1 on SQLite; on PostgreSQL one per core, at most 4.")
-def up(host: str, port: int, data_dir: Path | None, concurrency: int, api_workers: int | None) -> None:
-    """Start everything on this machine: broker, database, API and one worker."""
+def up(host: str, port: int, data_dir: Path | None, concurrency: int, gpus: str, api_workers: int | None) -> None:
+    """Start everything on this machine: broker, database, API, the training workers `kiln worker` would start
+    here (one per GPU, and a CPU one) and a predictor."""
     if data_dir:
         os.environ["KILN_DATA_DIR"] = str(data_dir.resolve())
     get_settings.cache_clear()
@@ -116,15 +120,26 @@ def up(host: str, port: int, data_dir: Path | None, concurrency: int, api_worker
     # Explicit handlers: a process started in the background inherits an ignored SIGINT.
     signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, signal.default_int_handler)
-    from kiln.dispatch import predict_queue, worker_queues
+    from kiln.devices import host_gpus
     from kiln.embedded import EmbeddedRedis, stop_process
-    from kiln.launch import worker_command
+    from kiln.launch import choose_gpus, plan
 
+    try:
+        chosen = choose_gpus(gpus, host_gpus() if gpus != "none" else [])
+    except ValueError as exc:
+        _fail(str(exc), 2)
+    # What `kiln worker` would start on this host (each GPU's process pinned to it, the CPU one seeing no GPU),
+    # and a predictor: predictions have their own process, so long training never delays them.
+    tag, hostname = str(os.getpid()), socket.gethostname()
+    workers = [*plan(settings, role="train", gpus=chosen, concurrency=concurrency, extra_queues=(), host=hostname,
+                     tag=tag),
+               *plan(settings, role="predict", gpus=[], concurrency=1, extra_queues=(), host=hostname, tag=tag)]
+    if len(workers) == 1:
+        _fail("nothing would train: --concurrency 0 and no GPU chosen", 2)
     try:
         if not settings.broker_url:
             broker = EmbeddedRedis(settings.data_dir / "redis").start()
             os.environ["KILN_BROKER_URL"] = broker.url
-        os.environ["KILN_WORKER_CONCURRENCY"] = str(concurrency)
         get_settings.cache_clear()
         settings = get_settings()
 
@@ -140,17 +155,9 @@ def up(host: str, port: int, data_dir: Path | None, concurrency: int, api_worker
             metrics_dir.mkdir()
             api_env = {**env, "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir)}
         # Own sessions: Ctrl-C reaches only this process, which then stops the children in order
-        # (API first, then the worker, which finishes or hands back its job, then the broker).
-        children.append(
-            subprocess.Popen(worker_command(concurrency, worker_queues(settings, gpu=False)), env=env,
-                             start_new_session=True)
-        )
-        children.append(  # predictions have their own process, so long training never delays them
-            subprocess.Popen(
-                worker_command(1, predict_queue(settings), f"predict-{os.getpid()}@{socket.gethostname()}"),
-                env=env, start_new_session=True,
-            )
-        )
+        # (API first, then the workers, which finish or hand back their jobs, then the broker).
+        for process in workers:
+            children.append(subprocess.Popen(process.command(), env={**env, **process.env}, start_new_session=True))
         children.append(
             subprocess.Popen(
                 [sys.executable, "-m", "uvicorn", "api.app:create_app", "--factory", "--host", host,
@@ -159,7 +166,7 @@ def up(host: str, port: int, data_dir: Path | None, concurrency: int, api_worker
             )
         )
         url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
-        _wait_ready(url, children)
+        _wait_ready(url, children, len(workers))
         (settings.data_dir / "server.json").write_text(json.dumps({"url": url}))
         click.echo(
             f"\nkiln is up.\n"
@@ -183,7 +190,7 @@ def up(host: str, port: int, data_dir: Path | None, concurrency: int, api_worker
             broker.stop()
 
 
-def _wait_ready(url: str, children: list[subprocess.Popen]) -> None:
+def _wait_ready(url: str, children: list[subprocess.Popen], workers: int) -> None:
     from kiln.embedded import wait_until
 
     def ready() -> bool:
@@ -195,9 +202,9 @@ def _wait_ready(url: str, children: list[subprocess.Popen]) -> None:
             return False
         from kiln.dispatch import producer
 
-        return api_ok and len(producer().control.ping(timeout=0.5)) >= 2  # the trainer and the predictor
+        return api_ok and len(producer().control.ping(timeout=0.5)) >= workers
 
-    wait_until(ready, timeout=120, interval=0.25, what="the API and the worker")
+    wait_until(ready, timeout=120, interval=0.25, what="the API and the workers")
 
 
 @main.command()

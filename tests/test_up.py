@@ -17,13 +17,13 @@ from tests.conftest import ROOT
 pytestmark = pytest.mark.e2e
 
 
-def _start_up(tmp_path, port: int, extra_env: dict[str, str]) -> tuple[subprocess.Popen, object]:
+def _start_up(tmp_path, port: int, extra_env: dict[str, str], *args: str) -> tuple[subprocess.Popen, object]:
     # Nothing configured: every service must come from the embedded defaults.
     env = {k: v for k, v in os.environ.items() if not k.startswith("KILN_")}
     env.update(HOME=str(tmp_path / "home"), **extra_env)
     log = (tmp_path / "up.log").open("w+")
     process = subprocess.Popen(
-        [sys.executable, "-m", "kiln.cli", "up", "--port", str(port), "--data-dir", str(tmp_path / "state")],
+        [sys.executable, "-m", "kiln.cli", "up", "--port", str(port), "--data-dir", str(tmp_path / "state"), *args],
         env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
     )
     return process, log
@@ -79,3 +79,34 @@ def test_up_uses_kiln_api_key(tmp_path):
     finally:
         process.send_signal(signal.SIGINT)
         assert process.wait(60) == 0
+
+
+def test_up_on_a_gpu_host_gives_each_gpu_its_own_worker_and_hides_them_from_the_cpu_one(tmp_path):
+    """As `kiln worker` does: a process pinned to each GPU, and the CPU worker sees none, so a job it takes
+    trains on the CPU. The GPU is pretend (an nvidia-smi on PATH that lists one); the processes are real."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "nvidia-smi").write_text("#!/bin/sh\necho '0, GPU-aaaa, NVIDIA H100 80GB HBM3, 81559'\n")
+    (bin_dir / "nvidia-smi").chmod(0o755)
+    port = free_port()
+    process, log = _start_up(tmp_path, port, {"PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"})
+    try:
+        wait_until(lambda: "kiln is up" in _output(log) or process.poll() is not None, timeout=90, what="kiln up")
+        out = _output(log)
+        assert process.poll() is None, out
+        key = re.search(r"API key:\s+(\S+)", out).group(1)
+        workers = httpx.get(f"http://127.0.0.1:{port}/v1/workers", headers={"Authorization": f"Bearer {key}"}).json()
+        by_queues = {tuple(w["queues"]): w for w in workers["items"]}
+        assert set(by_queues) == {("kiln", "kiln.auto"), ("kiln.auto", "kiln.gpu"), ("kiln.predict",)}, workers
+        # What CUDA will let each process use (this host's torch has no CUDA, so the registry cannot show it).
+        cuda_visible = {
+            child.cmdline()[child.cmdline().index("--hostname") + 1]: child.environ().get("CUDA_VISIBLE_DEVICES")
+            for child in psutil.Process(process.pid).children() if "--hostname" in child.cmdline()
+        }
+        assert cuda_visible == {w["name"]: visible for w, visible in (
+            (by_queues["kiln.auto", "kiln.gpu"], "GPU-aaaa"), (by_queues["kiln", "kiln.auto"], ""),
+            (by_queues["kiln.predict",], ""))}
+        assert by_queues["kiln.auto", "kiln.gpu"]["name"].startswith("kiln-gpu0-")
+    finally:
+        process.send_signal(signal.SIGINT)
+        assert process.wait(60) == 0, _output(log)

@@ -9,9 +9,10 @@ CPU: an MLP 784-256-256-10 (Adam, lr 1e-3, cross-entropy) on a synthetic 60,000 
 one torch thread by default: what each of two worker processes has on this 2-core machine, and the setting least
 disturbed by other processes (with two threads, each parallel op waits for a thread another process may hold).
 Every run starts from the same initial weights and trains on the same batch order, and the runs are interleaved
-(hand, kiln, hand, kiln, ...) so that drift on a shared machine falls on all of them alike. The fastest run of
-each loop is compared (other processes on a shared machine only ever add time; the medians are printed too, and
-a spread over 1.5x is flagged). The baselines:
+(hand, kiln, hand, kiln, ...) so that drift on a shared machine falls on all of them alike. The targets are
+judged on the median over the rounds of each round's ratio (two loops run back to back within a round); the ratio
+of each loop's fastest run is printed beside it, with every run's time (a spread over 1.5x is flagged). The
+fastest runs alone swung a ratio by a fifth between two runs of the same tree on this machine. The baselines:
 
 - "hand": the minimal loop anyone writes: x[idx] slices of one permutation per epoch, torch.optim.Adam as
   constructed by default, zero_grad / backward / step, nothing recorded. The issue's target is kiln / hand.
@@ -178,6 +179,13 @@ def interleaved(
     return times, models
 
 
+def paired(times: dict[str, list[float]], a: str, b: str) -> float:
+    """The median, over the rounds, of a's time over b's in the same round: the two ran back to back, so a slow
+    stretch of a shared machine that spans a round weighs on both, and one lucky or unlucky run cannot move it
+    (the ratio of the fastest runs, printed beside it, rests on one run of each)."""
+    return median([x / y for x, y in zip(times[a], times[b], strict=True)])
+
+
 def show(times: dict[str, list[float]]) -> None:
     for name, values in times.items():
         runs = ", ".join(f"{v:.3f}" for v in values)
@@ -194,7 +202,7 @@ def cpu(args: argparse.Namespace) -> bool:
     torch.set_num_threads(threads)
     print(f"CPU loop benchmark: {machine()}, torch {torch.__version__} on {threads} thread(s); "
           f"MLP 784-256-256-10, Adam, {ROWS:,} x {FEATURES} synthetic rows, 1 epoch per run, "
-          f"{args.repeats} interleaved runs (the fastest of each compared)")
+          f"{args.repeats} interleaved rounds (targets on the median of the rounds' ratios)")
     others = [fit_from(path) for path in args.also]
     ok = True
     for bs in (64, 512):
@@ -215,16 +223,19 @@ def cpu(args: argparse.Namespace) -> bool:
                                                      models["hand, same kernels"].state_dict().values(), strict=True))
         print(f"  kiln's final weights equal the same-kernels loop's bit for bit: {same}")
         kiln = min(times["kiln fit()"])
-        ratio = kiln / min(times["hand"])
+        ratio = paired(times, "kiln fit()", "hand")
         overhead = kiln / min(times["hand, same kernels"])
-        ok &= target(f"kiln / hand at batch {bs}", f"{ratio:.3f}", "<= 1.05", ratio <= 1.05)
+        ok &= target(f"kiln / hand at batch {bs}", f"{ratio:.3f} (fastest runs: {kiln / min(times['hand']):.3f})",
+                     "<= 1.05", ratio <= 1.05)
         steps = -(-ROWS // bs)
         print(f"  kiln / hand with the same kernels (kiln's own per-batch work: loss, gradient norms, predictions): "
               f"{overhead:.3f}, {(kiln - min(times['hand, same kernels'])) / steps * 1e6:+.0f} us per step")
         ok &= same
         if bs == 64:
-            speedup = min(times["tutorial DataLoader"]) / kiln
-            ok &= target("tutorial / kiln at batch 64", f"{speedup:.2f}x", ">= 1.3x", speedup >= 1.3)
+            speedup = paired(times, "tutorial DataLoader", "kiln fit()")
+            fastest = min(times["tutorial DataLoader"]) / kiln
+            ok &= target("tutorial / kiln at batch 64", f"{speedup:.2f}x (fastest runs: {fastest:.2f}x)", ">= 1.3x",
+                         speedup >= 1.3)
         for path in args.also:
             name = f"fit() of {os.path.basename(path)}"
             print(f"  {name} / hand: {min(times[name]) / min(times['hand']):.3f}; "

@@ -21,7 +21,7 @@ class EpochMetrics(BaseModel):
     duration_s: float
     samples_per_s: float
     grad_norm: float | None  # L2 norm of all gradients, averaged over the epoch's batches
-    grad_norm_per_layer: dict[str, float] | None  # which weights took the blame
+    grad_norm_per_layer: dict[str, float | None] | None  # which weights took the blame (null: it overflowed)
     train_accuracy: float | None
     val_r2: float | None  # regression only
 

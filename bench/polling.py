@@ -15,10 +15,11 @@ framework gives; the ratio says how much of the server's capacity a job read cos
 the API and PostgreSQL. They alternate (/healthz, the succeeded job, the queued job), --rounds times, and the
 targets are checked on the medians of each.
 
-The metrics reads are timed from this client, sequentially: the first read of fresh 10,000-epoch histories (no
-API process has rendered them), the same history read again, a history that gains one epoch before each read
-(a job being polled while it trains), the history downsampled with ?max_points=1000, and, as the baseline, the
-10-epoch job's. Each series but the first starts after two untimed reads.
+The metrics reads are timed from this client, sequentially: the first read of fresh 10,000-epoch histories (no API
+process has read them; each epoch's JSON was rendered when it was written, as a worker does), the same history read
+again, a history that gains one epoch before each read (a job being polled while it trains), the history downsampled
+with ?max_points=1000, and, as the baseline, the 10-epoch job's. Each series but the first starts after two untimed
+reads.
 """
 
 import argparse
@@ -35,7 +36,7 @@ from sqlalchemy import func, insert, select, update
 from bench import stack as bench_stack
 from bench.report import heading, machine, median, percentile, target
 from kiln.cli import default_api_workers
-from kiln.tables import EpochMetric, Job, JobStatus
+from kiln.tables import EpochMetric, Job, JobStatus, render_epoch
 
 SPEC = {"data": {"dataset": "digits"}, "model": {"type": "mlp", "hidden": [64, 32]}, "epochs": 10}
 LAYERS = ["0.weight", "0.bias", "2.weight", "2.bias", "4.weight", "4.bias"]
@@ -51,6 +52,8 @@ def finish(stack: bench_stack.Stack, job_id: str, epochs: int) -> None:
          "train_accuracy": min(0.99, 0.1 + e / epochs), "val_r2": None, "created_at": now}
         for e in range(1, epochs + 1)
     ]
+    for row in rows:  # as the worker writes each epoch
+        row["rendered"] = render_epoch(row)
     engine = stack.engine()
     with engine.begin() as conn:
         for start in range(0, len(rows), 2000):
@@ -66,11 +69,11 @@ def add_epoch(stack: bench_stack.Stack, job_id: str) -> None:
     engine = stack.engine()
     with engine.begin() as conn:
         last = conn.scalar(select(func.max(EpochMetric.epoch)).where(EpochMetric.job_id == job_id))
-        conn.execute(insert(EpochMetric), [{
-            "job_id": job_id, "epoch": last + 1, "attempt": 1, "train_loss": 0.01, "val_loss": 0.02,
-            "val_accuracy": 0.99, "lr": 1e-3, "duration_s": 0.031, "samples_per_s": 46000.0, "grad_norm": 0.1,
-            "grad_norm_per_layer": {name: 0.05 for name in LAYERS}, "train_accuracy": 0.99, "val_r2": None,
-            "created_at": datetime.now(UTC)}])
+        row = {"job_id": job_id, "epoch": last + 1, "attempt": 1, "train_loss": 0.01, "val_loss": 0.02,
+               "val_accuracy": 0.99, "lr": 1e-3, "duration_s": 0.031, "samples_per_s": 46000.0, "grad_norm": 0.1,
+               "grad_norm_per_layer": {name: 0.05 for name in LAYERS}, "train_accuracy": 0.99, "val_r2": None,
+               "created_at": datetime.now(UTC)}
+        conn.execute(insert(EpochMetric), [row | {"rendered": render_epoch(row)}])
         conn.execute(update(Job).where(Job.id == job_id).values(epochs_completed=last + 1))
     engine.dispose()
 
@@ -173,7 +176,7 @@ def main() -> int:
                   f"max {max(times) * 1000:6.1f} ms")
             return p50
 
-        # Cold: the first read of a history no API process has rendered yet (fresh jobs, read once each).
+        # Cold: the first read of a history no API process has read yet (fresh jobs, read once each).
         cold = []
         for _ in range(args.reads):
             fresh = http.post("/v1/jobs", json=SPEC | {"epochs": 10_000}).json()["id"]
@@ -188,13 +191,14 @@ def main() -> int:
         sampled, _ = series(f"/v1/jobs/{long}/metrics", {"max_points": 1000})
         short, _ = series(f"/v1/jobs/{polled}/metrics")
         print(f"  {epochs:,} epochs, {size / 1e6:.1f} MB of JSON")
-        show_times("first read (rendered whole)", cold)
-        p50 = show_times("read again (rendered once, served from the process)", warm)
+        first = show_times("first read in a process (the database joins the epochs' JSON)", cold)
+        p50 = show_times("read again (served from the process)", warm)
         show_times("running: one new epoch before each read", running)
         show_times("?max_points=1000 (chosen by the database)", sampled)
         baseline = show_times("the same route for the 10-epoch job (baseline)", short)
         print(f"  ratio 10,000 epochs / 10 epochs: first read {percentile(cold, 50) / baseline:.0f}, "
               f"read again {p50 / baseline:.0f}, running {percentile(running, 50) / baseline:.0f}")
+        ok &= target("metrics of 10,000 epochs, p50 first read", f"{first * 1000:.1f} ms", "<= 50 ms", first <= 0.050)
         ok &= target("metrics of 10,000 epochs, p50 read again", f"{p50 * 1000:.1f} ms", "<= 50 ms", p50 <= 0.050)
         ok &= target("metrics of 10,000 epochs, p50 running", f"{percentile(running, 50) * 1000:.1f} ms",
                      "<= 50 ms", percentile(running, 50) <= 0.050)

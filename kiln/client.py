@@ -59,7 +59,7 @@ class EpochMetrics(TypedDict):
     duration_s: float
     samples_per_s: float
     grad_norm: float | None
-    grad_norm_per_layer: dict[str, float] | None
+    grad_norm_per_layer: dict[str, float | None] | None
     train_accuracy: float | None
     val_r2: float | None
 

@@ -2,6 +2,7 @@
 PostgreSQL with KILN_TEST_DATABASE_URL), checked against the rule written out in Python; the rendered histories a
 later read extends, over real HTTP. test_events.py reads a downsampled history over HTTP too."""
 
+import json
 import math
 import random
 import uuid
@@ -9,9 +10,12 @@ import uuid
 from sqlalchemy import create_engine, insert
 from sqlalchemy.orm import Session
 
-from api.services.metrics import RenderedHistories, kept_epochs
+from api.schemas import EpochMetrics
+from api.services.metrics import RenderedHistories, _render, kept_epochs
 from kiln.db import utcnow
-from kiln.tables import EpochMetric, Job, JobStatus
+from kiln.tables import EPOCH_FIELDS, EpochMetric, Job, JobStatus, render_epoch
+from worker.runner import epoch_values
+from worker.training import EpochMetrics as LoopEpoch
 
 
 def history(engine, losses: list[tuple[float, float | None]]) -> str:
@@ -21,9 +25,10 @@ def history(engine, losses: list[tuple[float, float | None]]) -> str:
         conn.execute(insert(Job), [dict(
             id=job_id, owner="o", status=JobStatus.succeeded, spec={}, queue="kiln", created_at=utcnow(),
             epochs_completed=len(losses), attempt=1, cancel_requested=False)])
-        conn.execute(insert(EpochMetric), [dict(
-            job_id=job_id, epoch=e, attempt=1, train_loss=train, val_loss=val, lr=0.1, duration_s=0.1, samples_per_s=1.0,
-            created_at=utcnow()) for e, (train, val) in enumerate(losses, start=1)])
+        if losses:
+            conn.execute(insert(EpochMetric), [dict(
+                job_id=job_id, epoch=e, attempt=1, train_loss=train, val_loss=val, lr=0.1, duration_s=0.1,
+                samples_per_s=1.0, created_at=utcnow()) for e, (train, val) in enumerate(losses, start=1)])
     return job_id
 
 
@@ -87,13 +92,14 @@ def test_a_history_read_again_gains_its_new_epochs(stack, client):
     stack.wait_for_job(client, job["id"], lambda j: j["status"] == "cancelled")
     engine = create_engine(stack.settings.db_url)
 
-    def write(epochs: range) -> None:  # as a worker would have, replacing anything it trained before the cancel
+    def write(epochs: range, rendered: bool) -> None:  # replacing anything the worker trained before the cancel
+        rows = [dict(job_id=job["id"], epoch=e, attempt=1, train_loss=1 / e, val_loss=math.nan if e == 120 else 2 / e,
+                     lr=0.1, duration_s=0.1, samples_per_s=1.0, created_at=utcnow()) for e in epochs]
         with engine.begin() as conn:
             if epochs.start == 1:
                 conn.execute(EpochMetric.__table__.delete().where(EpochMetric.job_id == job["id"]))
-            conn.execute(insert(EpochMetric), [dict(
-                job_id=job["id"], epoch=e, attempt=1, train_loss=1 / e, val_loss=math.nan if e == 120 else 2 / e,
-                lr=0.1, duration_s=0.1, samples_per_s=1.0, created_at=utcnow()) for e in epochs])
+            conn.execute(insert(EpochMetric), [row | {"rendered": render_epoch(row) if rendered else None}
+                                               for row in rows])
 
     def read(**params) -> list[dict]:
         response = client.get(f"/v1/jobs/{job['id']}/metrics", params=params)
@@ -101,9 +107,9 @@ def test_a_history_read_again_gains_its_new_epochs(stack, client):
         return response.json()["epochs"]
 
     try:
-        write(range(1, 101))
+        write(range(1, 101), rendered=False)  # as written before workers rendered each epoch (migration 0008)
         assert [m["epoch"] for m in read()] == list(range(1, 101))
-        write(range(101, 151))
+        write(range(101, 151), rendered=True)  # as a worker writes them now
         again = read()
         assert [m["epoch"] for m in again] == list(range(1, 151))
         assert again[119]["val_loss"] is None and again[118]["val_loss"] == 2 / 119
@@ -111,6 +117,39 @@ def test_a_history_read_again_gains_its_new_epochs(stack, client):
         assert read(since=140) == again[140:]
     finally:
         engine.dispose()
+
+
+def test_epochs_rendered_when_written_read_as_those_rendered_from_their_columns(engine):
+    """The worker renders each epoch as it writes it; rows written before that are rendered by the API from their
+    columns. Both say the same, non-finite numbers as null included, and so does a history mixing the two. A
+    per-layer norm that overflowed is stored as null: PostgreSQL refuses JSON that holds an infinity."""
+    assert list(EpochMetrics.model_fields) == list(EPOCH_FIELDS), "the API shows the fields the worker renders"
+    epochs = [LoopEpoch(epoch=e, train_loss=1 / e, val_loss=None if e == 2 else math.inf if e == 3 else 2 / e,
+                        val_accuracy=0.5, lr=0.01, duration_s=0.25, samples_per_s=4000.0,
+                        grad_norm=math.nan if e == 4 else e,
+                        grad_norm_per_layer={"0.weight": 0.5 / e, "0.bias": math.inf if e == 5 else 1.0})
+              for e in range(1, 7)]
+
+    def read(rendered: set[int]) -> list[dict]:
+        job_id = history(engine, [])
+        rows = [epoch_values(m, attempt=2) | {"job_id": job_id, "created_at": utcnow()} for m in epochs]
+        with engine.begin() as conn:
+            conn.execute(insert(EpochMetric), [
+                row | {"rendered": render_epoch(row) if row["epoch"] in rendered else None} for row in rows])
+        with Session(engine) as session:
+            elements, last = _render(session, (EpochMetric.job_id == job_id,))
+        assert last == 6
+        return json.loads(b"[" + elements + b"]")
+
+    by_columns = read(rendered=set())
+    assert by_columns[2]["val_loss"] is None and by_columns[3]["grad_norm"] is None
+    assert by_columns[4]["grad_norm_per_layer"] == {"0.weight": 0.1, "0.bias": None}
+    assert by_columns[0] == {"epoch": 1, "attempt": 2, "train_loss": 1.0, "val_loss": 2.0, "val_accuracy": 0.5,
+                             "lr": 0.01, "duration_s": 0.25, "samples_per_s": 4000.0, "grad_norm": 1,
+                             "grad_norm_per_layer": {"0.weight": 0.5, "0.bias": 1.0}, "train_accuracy": None,
+                             "val_r2": None}
+    assert read(rendered=set(range(1, 7))) == by_columns
+    assert read(rendered={1, 2, 3}) == by_columns
 
 
 def test_rendered_histories_keep_the_most_recently_read_within_their_bytes():

@@ -10,6 +10,7 @@ fetches the checkpoint the database recorded from the store and resumes from it.
 import contextlib
 import hashlib
 import logging
+import math
 import tempfile
 import threading
 import time
@@ -34,7 +35,7 @@ from kiln.history import record
 from kiln.settings import Settings, get_settings
 from kiln.spec import JobSpec
 from kiln.storage import ENCODER, WEIGHTS, Store, StoreUnavailable, checkpoint_name, make_store
-from kiln.tables import Dataset, EpochMetric, Job, JobStatus
+from kiln.tables import Dataset, EpochMetric, Job, JobStatus, render_epoch
 from models.weights import encoder_weights, save_weights
 from worker.checkpoint import CheckpointError, load_checkpoint, save_checkpoint, spec_hash
 from worker.datasets import load_arrays
@@ -247,15 +248,20 @@ class EpochRecorder:
                 raise LeaseLost
             if session.get(EpochMetric, (self.claim.job_id, m.epoch)) is not None:
                 return  # this attempt's earlier try committed, and only its acknowledgement was lost
-            session.add(
-                EpochMetric(
-                    job_id=self.claim.job_id, epoch=m.epoch, attempt=self.claim.attempt, train_loss=m.train_loss,
-                    val_loss=m.val_loss, val_accuracy=m.val_accuracy, lr=m.lr, duration_s=m.duration_s,
-                    samples_per_s=m.samples_per_s, grad_norm=m.grad_norm,
-                    grad_norm_per_layer=m.grad_norm_per_layer or None, train_accuracy=m.train_accuracy,
-                    val_r2=m.val_r2, created_at=utcnow(),
-                )
-            )
+            values = epoch_values(m, self.claim.attempt)
+            session.add(EpochMetric(job_id=self.claim.job_id, **values, rendered=render_epoch(values),
+                                    created_at=utcnow()))
+
+
+def epoch_values(m: EpochMetrics, attempt: int) -> dict[str, Any]:
+    """The epoch_metrics row's columns for an epoch of the loop. A per-layer gradient norm that overflowed is
+    null: JSON has no infinity, and PostgreSQL refuses the row that holds one (the API shows it as null anyway)."""
+    per_layer = {name: norm if math.isfinite(norm) else None for name, norm in m.grad_norm_per_layer.items()}
+    return dict(
+        epoch=m.epoch, attempt=attempt, train_loss=m.train_loss, val_loss=m.val_loss, val_accuracy=m.val_accuracy,
+        lr=m.lr, duration_s=m.duration_s, samples_per_s=m.samples_per_s, grad_norm=m.grad_norm,
+        grad_norm_per_layer=per_layer or None, train_accuracy=m.train_accuracy, val_r2=m.val_r2,
+    )
 
 
 def _finish(

@@ -1,12 +1,13 @@
 """A job's epoch history, GET /v1/jobs/{id}/metrics: whole or downsampled, with as little Python in the way as
 possible, since a long history is megabytes of JSON.
 
-The rows are read as plain rows, never ORM objects or validated models (those were nearly all of a long
-history's cost; the database typed every value already). On PostgreSQL the database renders the JSON itself, so
-no row reaches Python. Downsampling is a query too: the database picks the epochs to keep and only those are read.
-And epoch rows are written once each, in order, and never changed (the worker's fenced commit), so the JSON of
-a history's first epochs, once rendered, stays right: a later read of the whole history renders only the epochs
-after those (RenderedHistories).
+Each epoch's JSON is rendered once, by the worker that writes the row (kiln.tables.render_epoch), so a read only
+joins those: on PostgreSQL the database concatenates them and no row reaches Python. Rows written before that
+(migration 0008) are rendered from their columns, as plain rows, never ORM objects or validated models (those
+were nearly all of a long history's cost), or by PostgreSQL's json_agg. Downsampling is a query too: the database
+picks the epochs to keep and only those are read. And epoch rows are written once each, in order, and never
+changed (the worker's fenced commit), so the JSON of a history's first epochs, once read, stays right: a later
+read of the whole history in the same API process reads only the epochs after those (RenderedHistories).
 """
 
 import json
@@ -14,7 +15,7 @@ import threading
 from collections import OrderedDict
 
 from pydantic import TypeAdapter
-from sqlalchemy import Text, case, cast, func, select, true
+from sqlalchemy import Text, case, cast, func, literal_column, select, true
 from sqlalchemy.dialects.postgresql import aggregate_order_by
 from sqlalchemy.orm import Session
 
@@ -77,6 +78,9 @@ def job_metrics_json(owner: str, job_id: str, since: int, max_points: int | None
 
 def _render(session: Session, where: tuple) -> tuple[bytes, int | None]:
     """The JSON array elements (no brackets) of the epochs `where` selects, in epoch order, and the last epoch."""
+    if (joined := _joined(session, where)) is not None:
+        return joined
+    # Some were written before the worker rendered each epoch (migration 0008): render them all from the columns.
     if session.get_bind().dialect.name == "postgresql":
         rows = select(*_COLUMNS).where(*where).subquery("m")
         array = cast(func.json_agg(aggregate_order_by(rows.table_valued(), rows.c.epoch)), Text)
@@ -94,6 +98,24 @@ def _render(session: Session, where: tuple) -> tuple[bytes, int | None]:
     except ValueError:  # a non-finite value: pydantic writes it as null, as the other routes do
         text = _EPOCHS.dump_json(_EPOCHS.validate_python(epochs)).decode()
     return text[1:-1].encode(), rows[-1].epoch
+
+
+def _joined(session: Session, where: tuple) -> tuple[bytes, int | None] | None:
+    """The epochs `where` selects, joined from the JSON the worker rendered when it wrote each (the database only
+    concatenates); None if any has none."""
+    if session.get_bind().dialect.name == "postgresql":
+        ordered = aggregate_order_by(literal_column("','"), EpochMetric.epoch)
+        text, unrendered, last = session.execute(
+            select(func.string_agg(EpochMetric.rendered, ordered), func.count().filter(EpochMetric.rendered.is_(None)),
+                   func.max(EpochMetric.epoch)).where(*where)
+        ).one()
+        return None if unrendered else ((text or "").encode(), last)
+    rows = session.execute(
+        select(EpochMetric.epoch, EpochMetric.rendered).where(*where).order_by(EpochMetric.epoch)
+    ).all()
+    if any(text is None for _, text in rows):
+        return None
+    return ",".join(text for _, text in rows).encode(), rows[-1].epoch if rows else None
 
 
 def kept_epochs(job_id: str, since: int, max_points: int):

@@ -38,7 +38,6 @@ from torch import nn
 
 from kiln.catalog import Task
 from kiln.spec import AutoencoderSpec, ModelSpec
-from kiln.storage import atomic_path
 from models import build_model
 from models.autoencoder import Autoencoder, encoder_spec
 
@@ -56,7 +55,7 @@ class WeightsError(ValueError):
 
 
 def save_weights(path: str | os.PathLike, model: nn.Module, meta: dict) -> str:
-    """Write the model's weights and `meta` to `path` atomically; returns the file's sha256 hex digest."""
+    """Write the model's weights and `meta` to `path` (see save_tensors); returns the file's sha256 hex digest."""
     missing = REQUIRED_META - meta.keys()
     if missing:
         raise ValueError(f"weights metadata lacks {', '.join(sorted(missing))}")
@@ -64,17 +63,24 @@ def save_weights(path: str | os.PathLike, model: nn.Module, meta: dict) -> str:
         raise ValueError(f"weights metadata format must be {FORMAT!r}, not {meta['format']!r}")
     header = {"kiln": json.dumps(meta)}  # before touching the disk: unserialisable meta fails here
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    return atomic_save(path, tensors, header)
+    return save_tensors(path, tensors, header)
 
 
-def atomic_save(path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> str:
-    """Write a safetensors file atomically (kiln.storage.atomic_path); returns its sha256 hex digest."""
+def save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> str:
+    """Write a safetensors file to a private scratch path; returns its sha256 hex digest. Neither atomic nor
+    fsynced, on purpose: nothing reads a scratch file but the store's put_*, which makes it whole and durable
+    where readers look (kiln.storage.atomic_path, or one S3 PUT). Doing both here too cost a tiny job four more
+    fsyncs (BENCHMARKS.md, section 4). A failed write leaves nothing behind."""
+    path = Path(path)
     digest = hashlib.sha256()
-    with atomic_path(Path(path)) as tmp:
-        save_file(tensors, tmp, metadata=metadata)
-        with tmp.open("rb") as f:  # the bytes that will be renamed into place, not whatever is there later
+    try:
+        save_file(tensors, path, metadata=metadata)
+        with path.open("rb") as f:
             for chunk in iter(lambda: f.read(1 << 20), b""):
                 digest.update(chunk)
+    except BaseException:
+        path.unlink(missing_ok=True)
+        raise
     return digest.hexdigest()
 
 

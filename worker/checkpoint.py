@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
-from models.weights import atomic_save
+from models.weights import save_tensors
 
 FORMAT = "kiln.checkpoint/1"
 
@@ -58,7 +58,7 @@ def save_checkpoint(path: Path, state: dict[str, Any], spec_digest: str) -> None
     tensors: dict[str, torch.Tensor] = {}
     skeleton = _flatten(state, "s", tensors)
     metadata = {"format": FORMAT, "spec_sha256": spec_digest, "state": json.dumps(skeleton)}
-    atomic_save(path, tensors, metadata)
+    save_tensors(path, tensors, metadata)
 
 
 def load_checkpoint(path: Path, spec_digest: str) -> dict[str, Any]:

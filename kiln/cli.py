@@ -738,16 +738,20 @@ def logs(job_id: str, follow: bool, as_json: bool, url: str | None) -> None:
                 for line in lines:
                     click.echo(line)
             return
-        printed = 0
+        # Each read asks only for the epochs after those the job had committed before the previous read (so all of
+        # them were in it), not the whole log again; a line is printed once, whenever it first appears.
+        printed: set[str] = set()
+        after_epoch = 0
         try:
             while True:
-                terminal = client.get(job_id)["status"] in TERMINAL  # first, so no line written before the end is lost
-                lines = client.logs(job_id).splitlines()
-                for line in lines[printed:]:
-                    click.echo(json.dumps(line) if as_json else line)
-                printed = max(printed, len(lines))
-                if terminal:
+                job = client.get(job_id)  # first, so no line written before the end is lost
+                for line in client.logs(job_id, after_epoch).splitlines():
+                    if line not in printed:
+                        printed.add(line)
+                        click.echo(json.dumps(line) if as_json else line)
+                if job["status"] in TERMINAL:
                     return
+                after_epoch = job["epochs_completed"]
                 time.sleep(1.0)
         except KeyboardInterrupt:
             sys.exit(130)

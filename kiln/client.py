@@ -624,13 +624,14 @@ class Client:
         """
         return self._request("GET", f"/v1/jobs/{job_id}/history").json()["events"]
 
-    def logs(self, job_id: str) -> str:
-        """The job's training log, as text.
+    def logs(self, job_id: str, after_epoch: int = 0) -> str:
+        """The job's training log, as text: every transition, and the epochs after `after_epoch` (all by default).
 
         >>> print(kiln.logs(job_id))
         """
+        params = {"after_epoch": after_epoch} if after_epoch else None
         try:
-            return self._request("GET", f"/v1/jobs/{job_id}/logs").text
+            return self._request("GET", f"/v1/jobs/{job_id}/logs", params=params).text
         except KilnError as exc:
             if exc.status == 404 and not _names_job(exc, job_id):
                 raise KilnError(404, "not_supported", f"the kiln API at {self.url} does not serve job logs "

@@ -204,6 +204,18 @@ def test_logs(stack, finished):
     assert ok(kiln(stack, "logs", finished, "--follow")) == out
 
 
+def test_logs_follow_a_running_job_prints_each_line_once(stack):
+    """Following reads only the epochs it has not seen, several times while the job trains: what it printed is
+    the whole log, each line once, in order."""
+    with stack.client() as client:
+        job = client.post("/v1/jobs", json={"data": {"dataset": "iris"}, "epochs": 120}).json()
+    followed = ok(kiln(stack, "logs", job["id"], "--follow"))
+    whole = ok(kiln(stack, "logs", job["id"]))
+    assert followed == whole
+    assert sum(" epoch 120/120 " in line for line in followed.splitlines()) == 1
+    assert followed.splitlines()[-1].split()[1] == "succeeded"
+
+
 def test_download_and_predict(stack, finished, tmp_path):
     from models.weights import load_weights
 

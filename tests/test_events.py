@@ -108,6 +108,11 @@ def test_logs_tell_the_story(client, finished_stream):
     assert lines[0].split()[1] == "queued" and lines[-1].split()[1] == "succeeded", lines
     assert sum(" epoch 1/12 " in line or line.split()[2:4] == ["epoch", "1/12"] for line in lines) == 1
     assert any("claimed" in line for line in lines)
+    # A follower's next read: every transition, and only the epochs after the ones it has.
+    tail = client.get(f"/v1/jobs/{job['id']}/logs", params={"after_epoch": 10}).text.splitlines()
+    assert [line.split()[3] for line in tail if line.split()[1] == "epoch"] == ["11/12", "12/12"]
+    assert [line for line in lines if line.split()[1] != "epoch" or line.split()[3] in ("11/12", "12/12")] == tail
+    assert_error(client.get(f"/v1/jobs/{job['id']}/logs", params={"after_epoch": -1}), 422, "validation_error")
 
 
 def test_progress_and_eta(client, finished_stream):

@@ -2,7 +2,7 @@
 
 from typing import Annotated
 
-from fastapi import APIRouter, Header, Request, Response
+from fastapi import APIRouter, Header, Query, Request, Response
 from fastapi.responses import PlainTextResponse, StreamingResponse
 
 from api.deps import OwnerDep, SessionDep
@@ -74,5 +74,9 @@ def _epochs_seen(last_event_id: str | None) -> int:
                      "content": {"text/plain": {"schema": {"type": "string"}}}},
                **error_responses(404)},
 )
-def job_logs(job_id: str, session: SessionDep, owner: OwnerDep) -> PlainTextResponse:
-    return PlainTextResponse(service.job_log(session, owner, job_id))
+def job_logs(
+    job_id: str, session: SessionDep, owner: OwnerDep,
+    after_epoch: Annotated[int, Query(ge=0, le=2**31 - 1, description="Only the epochs after this one (every "
+                                      "transition still): how `kiln logs --follow` asks for what is new.")] = 0,
+) -> PlainTextResponse:
+    return PlainTextResponse(service.job_log(session, owner, job_id, after_epoch))

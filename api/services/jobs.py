@@ -244,14 +244,20 @@ def list_jobs(
     return rows, next_cursor
 
 
-def job_log(session: Session, owner: str, job_id: str) -> str:
-    """The job's log as text: every transition and every epoch, in time order."""
+def job_log(session: Session, owner: str, job_id: str, after_epoch: int = 0) -> str:
+    """The job's log as text, in time order: every transition and every epoch, or only the epochs after
+    `after_epoch` (a follower's next read: epochs are committed in order, one row each, so it misses none; the
+    few transitions always come whole, since two writers may commit theirs out of order)."""
     job = get_job(session, owner, job_id)
     lines: list[tuple] = []
-    for event in session.scalars(select(JobEvent).where(JobEvent.job_id == job_id).order_by(JobEvent.id)):
+    for event in session.execute(select(JobEvent.at, JobEvent.id, JobEvent.kind, JobEvent.message)
+                                 .where(JobEvent.job_id == job_id).order_by(JobEvent.id)):
         lines.append((event.at, 0, event.id, f"{event.kind:<16} {event.message}"))
     epochs = job.spec.get("epochs", 0)
-    for m in session.scalars(select(EpochMetric).where(EpochMetric.job_id == job_id).order_by(EpochMetric.epoch)):
+    columns = (EpochMetric.epoch, EpochMetric.train_loss, EpochMetric.val_loss, EpochMetric.val_accuracy,
+               EpochMetric.lr, EpochMetric.duration_s, EpochMetric.attempt, EpochMetric.created_at)
+    for m in session.execute(select(*columns).where(EpochMetric.job_id == job_id, EpochMetric.epoch > after_epoch)
+                             .order_by(EpochMetric.epoch)):
         parts = [f"epoch {m.epoch}/{epochs}", f"train_loss {m.train_loss:.6g}"]
         parts += [f"{name} {value:.6g}" for name, value in (("val_loss", m.val_loss), ("val_accuracy", m.val_accuracy))
                   if value is not None]

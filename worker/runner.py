@@ -8,6 +8,7 @@ fetches the checkpoint the database recorded from the store and resumes from it.
 """
 
 import contextlib
+import functools
 import hashlib
 import logging
 import math
@@ -76,6 +77,7 @@ class Claim:
 
 def claim(job_id: str, worker: str, settings: Settings) -> Claim | None:
     """Take the job if it is queued, or running under an expired lease; None if someone else has it."""
+    gpu = _gpu_name()  # before the transaction: a process's first call initialises CUDA, which takes seconds
     now = utcnow()
     token = str(uuid.uuid4())
     claimable = (Job.id == job_id) & or_(
@@ -102,11 +104,12 @@ def claim(job_id: str, worker: str, settings: Settings) -> Claim | None:
             return None
         job = session.get_one(Job, job_id)
         requested = job.spec.get("resources", {}).get("device", "cpu")
-        if requested == "cuda" and not torch.cuda.is_available():
+        if requested == "cuda" and gpu is None:
             raise NeedsGpu(f"job {job_id} needs a CUDA GPU and worker {worker} has none: left queued; do not "
                            f"start CPU-only workers on the queue {job.queue}")  # rolls the claim back
         resumed = f", resuming from the epoch-{job.checkpoint_epoch} checkpoint" if job.checkpoint_epoch else ""
-        record(session, job_id, "claimed", f"claimed by {worker} on {_device_name(requested)} (attempt "
+        where = f"cuda ({gpu})" if requested != "cpu" and gpu else "cpu"  # as training_device chooses
+        record(session, job_id, "claimed", f"claimed by {worker} on {where} (attempt "
                f"{job.attempt}){resumed}",
                attempt=job.attempt, worker=worker, epoch=job.checkpoint_epoch or None)
         # The spec is validated as at submit: against the owner's upload when it names one.
@@ -134,9 +137,12 @@ def training_device(requested: str) -> torch.device:
     return torch.device("cuda" if requested != "cpu" and torch.cuda.is_available() else "cpu")
 
 
-def _device_name(requested: str) -> str:
-    device = training_device(requested)
-    return f"cuda ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else "cpu"
+@functools.cache
+def _gpu_name() -> str | None:
+    """This process's GPU (CUDA_VISIBLE_DEVICES pins one per worker process), or None. Asked outside the claim's
+    transaction: on a GPU host the first ask initialises CUDA, seconds during which the claim would hold the job's
+    row lock (and on SQLite the whole database's write lock)."""
+    return torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
 
 
 def _update_job(*criteria):

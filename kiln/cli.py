@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import IO, Any, NoReturn
+from typing import IO, TYPE_CHECKING, Any, NoReturn
 
 import click
 import httpx
@@ -36,9 +36,12 @@ from kiln.client import (
     job_eta,
     job_progress,
 )
-from kiln.devices import usable_cores
+from kiln.devices import Gpu, usable_cores
 from kiln.settings import get_settings
 from kiln.spec import ResourcesSpec
+
+if TYPE_CHECKING:  # kiln.launch brings Celery in: imported where a command needs it
+    from kiln.launch import WorkerProcess
 
 
 def _fail(message: str, code: int = 1) -> NoReturn:
@@ -175,7 +178,8 @@ def up(host: str, port: int, data_dir: Path | None, concurrency: int, gpus: str,
             f"  API key:   {api_key}\n"
             f"  data dir:  {settings.data_dir}\n"
             f"  broker:    {settings.broker_url}{'  (embedded)' if broker else ''}\n"
-            f"  database:  {settings.db_url}\n\n"
+            f"  database:  {settings.db_url}\n"
+            f"  workers:   {_workers_line(workers, chosen)}\n\n"
             f"Try:  kiln submit examples/digits.json --follow\n"
             f"Stop: Ctrl-C\n"
         )
@@ -188,6 +192,20 @@ def up(host: str, port: int, data_dir: Path | None, concurrency: int, gpus: str,
             stop_process(child, 60)
         if broker:
             broker.stop()
+
+
+def _workers_line(workers: "list[WorkerProcess]", gpus: list[Gpu]) -> str:
+    """`kiln up`'s workers in a line: "1 CPU training process, GPU 0 (NVIDIA H100 80GB HBM3), a predictor"."""
+    by_uuid = {g.uuid: g for g in gpus}
+    parts = []
+    for w in workers:
+        if (gpu := by_uuid.get(w.env.get("CUDA_VISIBLE_DEVICES", ""))) is not None:
+            parts.append(f"GPU {gpu.index} ({gpu.name})")
+        elif w.name.startswith("predict-"):
+            parts.append("a predictor")
+        else:
+            parts.append(f"{w.concurrency} CPU training process{'es' if w.concurrency > 1 else ''}")
+    return ", ".join(parts)
 
 
 def _wait_ready(url: str, children: list[subprocess.Popen], workers: int) -> None:

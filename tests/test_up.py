@@ -43,6 +43,7 @@ def test_up_serves_trains_and_stops_cleanly(tmp_path):
         assert process.poll() is None, out
         key = re.search(r"API key:\s+(\S+)", out).group(1)
         assert f"http://127.0.0.1:{port}" in out and "(embedded)" in out
+        assert "  workers:   1 CPU training process, a predictor\n" in out
 
         state = tmp_path / "state"
         assert (state / "api_key").read_text().strip() == key
@@ -95,6 +96,7 @@ def test_up_on_a_gpu_host_gives_each_gpu_its_own_worker_and_hides_them_from_the_
         out = _output(log)
         assert process.poll() is None, out
         key = re.search(r"API key:\s+(\S+)", out).group(1)
+        assert "  workers:   GPU 0 (NVIDIA H100 80GB HBM3), 1 CPU training process, a predictor\n" in out
         workers = httpx.get(f"http://127.0.0.1:{port}/v1/workers", headers={"Authorization": f"Bearer {key}"}).json()
         by_queues = {tuple(w["queues"]): w for w in workers["items"]}
         assert set(by_queues) == {("kiln", "kiln.auto"), ("kiln.auto", "kiln.gpu"), ("kiln.predict",)}, workers

@@ -36,7 +36,8 @@ from sqlalchemy import func, insert, select, update
 from bench import stack as bench_stack
 from bench.report import heading, machine, median, percentile, target
 from kiln.cli import default_api_workers
-from kiln.tables import EpochMetric, Job, JobStatus, render_epoch
+from kiln.epochs import render_epoch
+from kiln.tables import EpochMetric, Job, JobStatus
 
 SPEC = {"data": {"dataset": "digits"}, "model": {"type": "mlp", "hidden": [64, 32]}, "epochs": 10}
 LAYERS = ["0.weight", "0.bias", "2.weight", "2.bias", "4.weight", "4.bias"]

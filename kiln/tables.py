@@ -1,7 +1,5 @@
 """ORM tables. The database is the single source of truth for every job's state."""
 
-import json
-import math
 from datetime import datetime
 from enum import StrEnum
 from typing import Any
@@ -72,25 +70,6 @@ class Job(Base):
     weights_sha256: Mapped[str | None] = mapped_column(String(64))
 
 
-# An epoch's fields as GET /v1/jobs/{id}/metrics shows them, in that order (api.schemas.EpochMetrics; a test keeps
-# the two alike). The worker, which cannot import the API, renders each epoch with these when it writes it.
-EPOCH_FIELDS = ("epoch", "attempt", "train_loss", "val_loss", "val_accuracy", "lr", "duration_s", "samples_per_s",
-                "grad_norm", "grad_norm_per_layer", "train_accuracy", "val_r2")
-
-
-def render_epoch(values: dict[str, Any]) -> str:
-    """The epoch's JSON object as the API serves it, a non-finite number written as null (as pydantic writes it)."""
-
-    def finite(value: Any) -> Any:
-        if isinstance(value, float) and not math.isfinite(value):
-            return None
-        if isinstance(value, dict):
-            return {key: finite(item) for key, item in value.items()}
-        return value
-
-    return json.dumps({name: finite(values.get(name)) for name in EPOCH_FIELDS}, separators=(",", ":"))
-
-
 class EpochMetric(Base):
     """Exactly one row per (job, epoch), written under the job's lease, and never changed after."""
 
@@ -110,8 +89,9 @@ class EpochMetric(Base):
     train_accuracy: Mapped[float | None] = mapped_column(Float)
     val_r2: Mapped[float | None] = mapped_column(Float)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
-    # render_epoch of this row, written with it: a long history is then read by joining these, where rendering
-    # 10,000 epochs from their columns took PostgreSQL 30 ms (api.services.metrics). None in rows written before.
+    # kiln.epochs.render_epoch of this row, written with it: a long history is then read by joining these, where
+    # rendering 10,000 epochs from their columns took PostgreSQL 30 ms (api.services.metrics). None in rows
+    # written before.
     rendered: Mapped[str | None] = mapped_column(Text)
 
 

@@ -13,7 +13,8 @@ from sqlalchemy.orm import Session
 from api.schemas import EpochMetrics
 from api.services.metrics import RenderedHistories, _render, kept_epochs
 from kiln.db import utcnow
-from kiln.tables import EPOCH_FIELDS, EpochMetric, Job, JobStatus, render_epoch
+from kiln.epochs import EPOCH_FIELDS, render_epoch
+from kiln.tables import EpochMetric, Job, JobStatus
 from worker.runner import epoch_values
 from worker.training import EpochMetrics as LoopEpoch
 

@@ -11,7 +11,6 @@ import contextlib
 import functools
 import hashlib
 import logging
-import math
 import tempfile
 import threading
 import time
@@ -32,11 +31,12 @@ from sqlalchemy.exc import InterfaceError, OperationalError
 from kiln.catalog import BUILTIN_DATASETS, DatasetInfo
 from kiln.db import UTCDateTime, session_scope, utcnow
 from kiln.dispatch import publish_job
+from kiln.epochs import json_safe, render_epoch
 from kiln.history import record
 from kiln.settings import Settings, get_settings
 from kiln.spec import JobSpec
 from kiln.storage import ENCODER, WEIGHTS, Store, StoreUnavailable, checkpoint_name, make_store
-from kiln.tables import Dataset, EpochMetric, Job, JobStatus, render_epoch
+from kiln.tables import Dataset, EpochMetric, Job, JobStatus
 from models.weights import encoder_weights, save_weights
 from worker.checkpoint import CheckpointError, load_checkpoint, save_checkpoint, spec_hash
 from worker.datasets import load_arrays
@@ -108,7 +108,7 @@ def claim(job_id: str, worker: str, settings: Settings) -> Claim | None:
             raise NeedsGpu(f"job {job_id} needs a CUDA GPU and worker {worker} has none: left queued; do not "
                            f"start CPU-only workers on the queue {job.queue}")  # rolls the claim back
         resumed = f", resuming from the epoch-{job.checkpoint_epoch} checkpoint" if job.checkpoint_epoch else ""
-        where = f"cuda ({gpu})" if requested != "cpu" and gpu else "cpu"  # as training_device chooses
+        where = f"cuda ({gpu})" if training_device(requested).type == "cuda" else "cpu"
         record(session, job_id, "claimed", f"claimed by {worker} on {where} (attempt "
                f"{job.attempt}){resumed}",
                attempt=job.attempt, worker=worker, epoch=job.checkpoint_epoch or None)
@@ -134,7 +134,7 @@ def claim(job_id: str, worker: str, settings: Settings) -> Claim | None:
 def training_device(requested: str) -> torch.device:
     """Where a job asking for device `requested` trains here: "cuda" and "auto" take this process's GPU
     (CUDA_VISIBLE_DEVICES pins one per worker process) when it has one."""
-    return torch.device("cuda" if requested != "cpu" and torch.cuda.is_available() else "cpu")
+    return torch.device("cuda" if requested != "cpu" and _gpu_name() is not None else "cpu")
 
 
 @functools.cache
@@ -262,11 +262,10 @@ class EpochRecorder:
 def epoch_values(m: EpochMetrics, attempt: int) -> dict[str, Any]:
     """The epoch_metrics row's columns for an epoch of the loop. A per-layer gradient norm that overflowed is
     null: JSON has no infinity, and PostgreSQL refuses the row that holds one (the API shows it as null anyway)."""
-    per_layer = {name: norm if math.isfinite(norm) else None for name, norm in m.grad_norm_per_layer.items()}
     return dict(
         epoch=m.epoch, attempt=attempt, train_loss=m.train_loss, val_loss=m.val_loss, val_accuracy=m.val_accuracy,
         lr=m.lr, duration_s=m.duration_s, samples_per_s=m.samples_per_s, grad_norm=m.grad_norm,
-        grad_norm_per_layer=per_layer or None, train_accuracy=m.train_accuracy, val_r2=m.val_r2,
+        grad_norm_per_layer=json_safe(m.grad_norm_per_layer) or None, train_accuracy=m.train_accuracy, val_r2=m.val_r2,
     )
 
 

@@ -185,8 +185,8 @@ def job_json(conn: Connection, owner: str, job_id: str) -> bytes:
 
 # A queued job's waiting reason depends on which workers are live, and that changes on the heartbeat's timescale
 # (a worker counts as live for the whole lease after its last report). So each API process reads the registry at
-# most once a second, not on every poll of a queued job: that read was a third of the API's CPU per such poll
-# (BENCHMARKS.md, section 5). One snapshot per process: an API process serves one database.
+# most once a second, not on every poll of a queued job: that read was nearly half the API's CPU per such poll
+# (1.2 -> 0.65 ms; BENCHMARKS.md, section 5). One snapshot per process: an API process serves one database.
 LIVE_WORKERS_MAX_AGE_S = 1.0
 _live: tuple[float, list[LiveWorker]] = (-math.inf, [])
 

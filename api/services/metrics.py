@@ -1,7 +1,7 @@
 """A job's epoch history, GET /v1/jobs/{id}/metrics: whole or downsampled, with as little Python in the way as
 possible, since a long history is megabytes of JSON.
 
-Each epoch's JSON is rendered once, by the worker that writes the row (kiln.tables.render_epoch), so a read only
+Each epoch's JSON is rendered once, by the worker that writes the row (kiln.epochs.render_epoch), so a read only
 joins those: on PostgreSQL the database concatenates them and no row reaches Python. Rows written before that
 (migration 0008) are rendered from their columns, as plain rows, never ORM objects or validated models (those
 were nearly all of a long history's cost), or by PostgreSQL's json_agg. Downsampling is a query too: the database

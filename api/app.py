@@ -15,7 +15,7 @@ from api.observability import Metrics, RequestTimer
 from api.routes import dashboard, datasets, health, jobs, metrics, streams, workers
 from api.services.events import JobWatcher
 from api.services.reconciler import reconcile
-from kiln import __version__
+from kiln import __version__, reads
 from kiln.db import get_sessionmaker
 from kiln.logs import use_json
 from kiln.settings import Settings, get_settings
@@ -43,6 +43,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         yield
         for task in tasks:
             task.cancel()
+        await reads.close()
 
     app = FastAPI(
         title="kiln",

@@ -10,12 +10,11 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from sqlalchemy import Connection
 from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.orm import Session
 
 from api.errors import Unauthorized, database_unavailable, error_response
-from kiln.db import get_sessionmaker, read_on_loop
+from kiln.db import get_sessionmaker
 from kiln.keys import digest, find_key
 
 # The owner of the deployment's own key (KILN_API_KEY, or the key file `kiln up` writes).
@@ -85,7 +84,7 @@ class Authenticate:
         # Digests compared in constant time, so a key cannot be guessed byte by byte from timings.
         if hmac.compare_digest(digest(key), self.deployment_digest):
             return DEFAULT_OWNER
-        row = await read_on_loop(_find, key)
+        row = await find_key(key)
         if row is None:
             raise Unauthorized(
                 "Unknown API key; use the key `kiln up` printed, KILN_API_KEY, or one from `kiln keys create`."
@@ -94,7 +93,3 @@ class Authenticate:
             raise Unauthorized(f"API key {row.id} was revoked; ask your operator for a new one (`kiln keys create`).")
         return row.owner
 
-
-def _find(conn: Connection, key: str):
-    with Session(conn) as session:  # on an autocommit connection: one round trip, no BEGIN, no ROLLBACK
-        return find_key(session, key)

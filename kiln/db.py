@@ -5,16 +5,14 @@ request or per unit of work. The schema is created by Alembic migrations only (s
 """
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
-import anyio.to_thread
 from sqlalchemy import Connection, DateTime, Engine, MetaData, create_engine, event, exc
-from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.orm import DeclarativeBase, Session, sessionmaker
 from sqlalchemy.types import TypeDecorator
 
@@ -75,19 +73,19 @@ def make_engine(url: str, idle_transaction_limit_s: float | None = None) -> Engi
             cur.close()
 
         return engine
-    connect_args = _connect_args(url)
+    args = connect_args(url)
     if url.startswith("postgresql") and idle_transaction_limit_s:  # see end_idle_transactions_after
-        connect_args["options"] = f"-c idle_in_transaction_session_timeout={int(idle_transaction_limit_s * 1000)}"
+        args["options"] = f"-c idle_in_transaction_session_timeout={int(idle_transaction_limit_s * 1000)}"
     # No overflow: a connection opened beyond pool_size is closed again as soon as the pool has pool_size idle
     # ones, and under steady load that was one new PostgreSQL connection (a backend process forked, two thirds
     # of the database's CPU) every five status polls. So at most POOL_SIZE connections per process, opened on
     # demand and kept; a thread that finds them all busy waits for one (pool_timeout, 30 s).
-    engine = create_engine(url, pool_size=POOL_SIZE, max_overflow=0, connect_args=connect_args)
+    engine = create_engine(url, pool_size=POOL_SIZE, max_overflow=0, connect_args=args)
     _ping_after_idle(engine)
     return engine
 
 
-def _connect_args(url: str) -> dict[str, Any]:
+def connect_args(url: str) -> dict[str, Any]:
     """Fail fast instead of hanging on a database that stopped answering: connect timeout, TCP keepalives."""
     if not url.startswith("postgresql"):
         return {}
@@ -149,46 +147,6 @@ def get_sessionmaker() -> sessionmaker[Session]:
     return sessionmaker(get_engine(), expire_on_commit=False)
 
 
-# Per API process, for the reads that run on the event loop (read_on_loop): each holds its connection for one
-# round trip, and a request that finds all of them busy waits on the loop, not in a thread.
-READ_POOL_SIZE = 30
-
-
-@lru_cache
-def get_read_engine() -> AsyncEngine | None:
-    """The API's engine for reads on the event loop: psycopg's asyncio mode, autocommit (a read of one or two
-    statements is that many round trips, no BEGIN or ROLLBACK). None where the driver has no asyncio mode
-    (SQLite): those reads go through the thread pool."""
-    url = get_settings().db_url
-    if not url.startswith("postgresql+psycopg"):
-        return None
-    engine = create_async_engine(url, pool_size=READ_POOL_SIZE, max_overflow=0, isolation_level="AUTOCOMMIT",
-                                 connect_args=_connect_args(url))
-    _ping_after_idle(engine.sync_engine)
-    return engine
-
-
-T = TypeVar("T")
-
-
-async def read_on_loop(read: Callable[..., T], *args: Any) -> T:
-    """`read(conn, *args)`: plain synchronous SQLAlchemy code over an autocommit connection, run without a trip
-    to the thread pool where the driver allows it. On PostgreSQL it runs on the event loop through SQLAlchemy's
-    greenlet bridge, each query awaited, so the loop serves other requests meanwhile; elsewhere in a thread.
-    For the API's hottest reads (GET /v1/jobs/{id}, a per-owner key): the thread hop and the GIL handovers it
-    brings were a fifth of that route's time (BENCHMARKS.md, section 5)."""
-    engine = get_read_engine()
-    if engine is None:
-        return await anyio.to_thread.run_sync(_read_in_thread, read, args)
-    async with engine.connect() as conn:
-        return await conn.run_sync(read, *args)
-
-
-def _read_in_thread(read: Callable[..., T], args: tuple) -> T:
-    with autocommit_connection() as conn:
-        return read(conn, *args)
-
-
 @contextmanager
 def autocommit_connection() -> Iterator[Connection]:
     """A pooled connection in autocommit mode, for a read that is a single statement: one round trip, where a
@@ -210,4 +168,3 @@ def reset_engine() -> None:
         get_engine().dispose(close=False)
     get_engine.cache_clear()
     get_sessionmaker.cache_clear()
-    get_read_engine.cache_clear()  # an asyncio engine belongs to its event loop; a new process makes its own

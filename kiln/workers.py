@@ -7,9 +7,10 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Connection, func, select, update
+from sqlalchemy import Connection, bindparam, func, select, update
 from sqlalchemy.orm import Session
 
+from kiln import reads
 from kiln.db import utcnow
 from kiln.tables import Job, JobStatus, Worker
 
@@ -85,12 +86,18 @@ class LiveWorker:
     devices: list[dict[str, Any]]
 
 
+# The workers that reported within the lease (since now - lease) and have not stopped: two columns, no ORM objects.
+_LIVE = select(Worker.queues, Worker.devices).where(Worker.stopped_at.is_(None), Worker.last_seen > bindparam("since"))
+
+
 def live_workers(db: Session | Connection, lease_s: float) -> list[LiveWorker]:
-    """The workers that reported within the lease and have not stopped: two columns, no ORM objects."""
-    rows = db.execute(
-        select(Worker.queues, Worker.devices)
-        .where(Worker.stopped_at.is_(None), Worker.last_seen > utcnow() - timedelta(seconds=lease_s))
-    )
+    rows = db.execute(_LIVE, {"since": utcnow() - timedelta(seconds=lease_s)})
+    return [LiveWorker(queues, devices) for queues, devices in rows]
+
+
+async def live_workers_on_loop(lease_s: float) -> list[LiveWorker]:
+    """live_workers, for a read on the API's event loop (kiln.reads)."""
+    rows = await reads.rows(_LIVE, since=utcnow() - timedelta(seconds=lease_s))
     return [LiveWorker(queues, devices) for queues, devices in rows]
 
 

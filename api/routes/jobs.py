@@ -23,7 +23,6 @@ from api.schemas import (
 from api.services import jobs as service
 from api.services import metrics
 from api.services import predict as predictions
-from kiln.db import read_on_loop
 from kiln.spec import JobSpec
 from kiln.tables import JobStatus
 
@@ -129,8 +128,7 @@ def list_jobs(
 async def get_job(job_id: str, request: Request) -> Response:
     # The route clients poll: async, no dependency for FastAPI to solve (the owner is read from the request, as
     # the Authenticate middleware left it), the read on the event loop, the body serialised once.
-    body = await read_on_loop(service.job_json, owner_of(request), job_id)
-    return Response(body, media_type="application/json")
+    return Response(await service.job_json(owner_of(request), job_id), media_type="application/json")
 
 
 @router.post(

@@ -18,6 +18,7 @@ from sqlalchemy.orm import Session
 from api.errors import Conflict, InvalidRequest, NotFound, TooManyRequests
 from api.schemas import EpochMetrics, JobOut
 from api.services.pagination import decode_cursor, encode_cursor
+from kiln import reads
 from kiln.catalog import BUILTIN_DATASETS, DatasetInfo
 from kiln.db import UTCDateTime, utcnow
 from kiln.dispatch import publish_job, train_queue
@@ -27,7 +28,7 @@ from kiln.settings import Settings, get_settings
 from kiln.spec import JobSpec, training_task
 from kiln.storage import ENCODER, WEIGHTS, Store, is_id
 from kiln.tables import Dataset, EpochMetric, Job, JobEvent, JobStatus
-from kiln.workers import LiveWorker, live_workers, waiting_reasons
+from kiln.workers import LiveWorker, live_workers, live_workers_on_loop, waiting_reasons
 
 log = logging.getLogger("kiln.api.jobs")
 
@@ -157,7 +158,7 @@ def with_latest_metrics():
 # GET /v1/jobs/{id} is the route clients poll, so its read is cut down (BENCHMARKS.md, section 5, has what each
 # cut bought): one Core statement built once, not per request (building it and its cache key was a fifth of the
 # route's CPU); plain rows, not ORM objects; an autocommit connection, not a session (one round trip: no BEGIN,
-# no ROLLBACK), on the event loop (kiln.db.read_on_loop); only the columns shown. The row carries the job's
+# no ROLLBACK), on the event loop (kiln.reads); only the columns shown. The row carries the job's
 # columns that JobOut shows, and its queue (waiting() reads it), under their own names, and the latest epoch's
 # columns as latest_<name>.
 METRIC_FIELDS = list(EpochMetrics.model_fields)  # also api.services.metrics's columns
@@ -170,17 +171,24 @@ _POLLED = (
 )
 
 
-def job_json(conn: Connection, owner: str, job_id: str) -> bytes:
+async def job_json(owner: str, job_id: str) -> bytes:
     """GET /v1/jobs/{id}: the job and its latest epoch in one query, serialised once. The row stands in for the
-    Job: it has the job's columns under their names, which is what JobOut.of and waiting() read."""
+    Job: it has the job's columns under their names, which is what JobOut.of and waiting_reasons read."""
     _check_id(job_id)
-    job = conn.execute(_POLLED, {"job_id": job_id, "owner": owner}).first()
-    if job is None:
+    found = await reads.rows(_POLLED, job_id=job_id, owner=owner)
+    if not found:
         raise _no_job(job_id)
+    job = found[0]
     latest = None
     if job.latest_epoch is not None:
-        latest = EpochMetrics(**{name: job._mapping[f"latest_{name}"] for name in METRIC_FIELDS})
-    return JobOut.of(job, latest, waiting(conn, [job]).get(job.id)).model_dump_json().encode()
+        latest = EpochMetrics(**{name: getattr(job, f"latest_{name}") for name in METRIC_FIELDS})
+    reason = None
+    if job.status == JobStatus.queued:
+        live = _recent_live()
+        if live is None:
+            live = _keep_live(await live_workers_on_loop(get_settings().lease_s))
+        reason = waiting_reasons([job], live).get(job.id)
+    return JobOut.of(job, latest, reason).model_dump_json().encode()
 
 
 # A queued job's waiting reason depends on which workers are live, and that changes on the heartbeat's timescale
@@ -188,19 +196,31 @@ def job_json(conn: Connection, owner: str, job_id: str) -> bytes:
 # most once a second, not on every poll of a queued job: that read was nearly half the API's CPU per such poll
 # (1.2 -> 0.65 ms; BENCHMARKS.md, section 5). One snapshot per process: an API process serves one database.
 LIVE_WORKERS_MAX_AGE_S = 1.0
+
+
 _live: tuple[float, list[LiveWorker]] = (-math.inf, [])
+
+
+def _recent_live() -> list[LiveWorker] | None:
+    """The snapshot, or None when it is over a second old."""
+    read_at, live = _live
+    return live if time.monotonic() - read_at <= LIVE_WORKERS_MAX_AGE_S else None
+
+
+def _keep_live(live: list[LiveWorker]) -> list[LiveWorker]:
+    global _live
+    _live = (time.monotonic(), live)
+    return live
 
 
 def waiting(db: Session | Connection, jobs: list[Job]) -> dict[str, str]:
     """Why the queued ones among `jobs` cannot start yet, by id (no query unless one is queued, and then at most
     one a second)."""
-    global _live
     if not any(job.status == JobStatus.queued for job in jobs):
         return {}
-    read_at, live = _live
-    if time.monotonic() - read_at > LIVE_WORKERS_MAX_AGE_S:
-        live = live_workers(db, get_settings().lease_s)
-        _live = (time.monotonic(), live)
+    live = _recent_live()
+    if live is None:
+        live = _keep_live(live_workers(db, get_settings().lease_s))
     return waiting_reasons(jobs, live)
 
 

@@ -1,0 +1,145 @@
+"""kiln.reads: the API's hottest reads run on the event loop on PostgreSQL, in the thread pool on SQLite."""
+
+import asyncio
+import os
+import threading
+
+import httpx
+import pytest
+from sqlalchemy import Integer, bindparam, event, func, select, text
+from sqlalchemy.exc import OperationalError
+
+import kiln.db
+from api.deps import Authenticate
+from kiln import reads
+from kiln.db import get_engine, reset_engine
+from kiln.embedded import free_port
+from kiln.settings import get_settings
+
+ON_POSTGRESQL = bool(os.environ.get("KILN_TEST_DATABASE_URL"))
+VALUE = select(bindparam("value", type_=Integer).label("value"))
+BACKEND = select(func.pg_backend_pid().label("pid"))
+
+
+@pytest.fixture
+def kiln_database_at(monkeypatch):
+    """Points this process's kiln settings at a database URL; they are forgotten afterwards."""
+
+    def use(url: str) -> None:
+        monkeypatch.setenv("KILN_DATABASE_URL", url)
+        get_settings.cache_clear()
+        reset_engine()
+
+    yield use
+    get_settings.cache_clear()
+    reset_engine()
+
+
+@pytest.fixture
+def kiln_database(database_url, kiln_database_at):
+    kiln_database_at(database_url)
+
+
+def run(read):
+    """Runs `read()` on a fresh event loop, closing that loop's read connections afterwards."""
+
+    async def main():
+        try:
+            return await read()
+        finally:
+            await reads.close()
+
+    return asyncio.run(main())
+
+
+def test_a_read_runs_on_the_loop_on_postgresql_and_in_a_thread_on_sqlite(kiln_database):
+    through_engine = []
+    event.listen(get_engine(), "before_cursor_execute", lambda *_: through_engine.append(threading.get_ident()))
+    (row,) = run(lambda: reads.rows(VALUE, value=7))
+    assert row.value == 7
+    if ON_POSTGRESQL:
+        assert through_engine == []  # psycopg's asyncio connection, on the loop
+    else:
+        assert through_engine and threading.get_ident() not in through_engine
+
+
+def test_more_concurrent_reads_than_connections_all_complete_with_their_own_answers(kiln_database):
+    # Reads beyond the pool wait on the loop for a connection; each gets its own answer back.
+    count = reads.READ_POOL_SIZE * 4
+
+    async def all_of_them():
+        return await asyncio.wait_for(asyncio.gather(*(reads.rows(VALUE, value=i) for i in range(count))), 60)
+
+    assert [found[0].value for found in run(all_of_them)] == list(range(count))
+
+
+@pytest.mark.skipif(not ON_POSTGRESQL, reason="the loop's connections are PostgreSQL's (set KILN_TEST_DATABASE_URL)")
+def test_a_read_after_the_server_dropped_its_connection_gets_a_fresh_one(kiln_database, monkeypatch):
+    # As after a database restart or a failover: the pooled connection is dead. It is pinged, being idle (here
+    # after 0 s), found dead and replaced; without the ping the read would fail.
+    monkeypatch.setattr(kiln.db, "PING_AFTER_IDLE_S", 0.0)
+
+    async def twice():
+        (first,) = await reads.rows(BACKEND)
+        with get_engine().connect() as admin:
+            assert admin.scalar(text("SELECT pg_terminate_backend(:pid)"), {"pid": first.pid})
+        (second,) = await reads.rows(BACKEND)
+        return first.pid, second.pid
+
+    first, second = run(twice)
+    assert second != first
+
+
+@pytest.mark.skipif(not ON_POSTGRESQL, reason="the loop's connections are PostgreSQL's (set KILN_TEST_DATABASE_URL)")
+def test_a_connection_cut_mid_read_fails_that_read_only(kiln_database, monkeypatch):
+    # Cut within the second after its last use, so not pinged: the read on it fails (the API answers 503), and
+    # the connection is dropped, not handed to the next read.
+    monkeypatch.setattr(kiln.db, "PING_AFTER_IDLE_S", 3600.0)
+
+    async def cut_then_read():
+        (first,) = await reads.rows(BACKEND)
+        with get_engine().connect() as admin:
+            assert admin.scalar(text("SELECT pg_terminate_backend(:pid)"), {"pid": first.pid})
+        with pytest.raises(OperationalError):
+            await reads.rows(BACKEND)
+        (second,) = await reads.rows(BACKEND)
+        return first.pid, second.pid
+
+    first, second = run(cut_then_read)
+    assert second != first
+
+
+@pytest.mark.skipif(not ON_POSTGRESQL, reason="the loop's connections are PostgreSQL's (set KILN_TEST_DATABASE_URL)")
+def test_reads_cancelled_mid_query_give_their_connections_back(kiln_database):
+    # A client that disconnects cancels its request while the query runs. More of them than the pool holds,
+    # and a read after them still gets a connection, and its own answer.
+    slow = select(func.pg_sleep(5).label("slept"))
+
+    async def abandon_then_read():
+        for _ in range(reads.READ_POOL_SIZE + 1):
+            with pytest.raises(TimeoutError):
+                await asyncio.wait_for(reads.rows(slow), 0.01)
+        (row,) = await asyncio.wait_for(reads.rows(VALUE, value=3), 30)
+        return row.value
+
+    assert run(abandon_then_read) == 3
+
+
+def test_a_key_looked_up_while_the_database_is_down_is_a_503(kiln_database_at):
+    # The Authenticate middleware looks a per-owner key up before the app's error handlers run: it must answer
+    # the outage as they would (503, retry), not let it become a 500, and at once.
+    kiln_database_at(f"postgresql+psycopg://postgres@127.0.0.1:{free_port()}/kiln")  # nothing listens there
+
+    async def unreachable(scope, receive, send):
+        raise AssertionError("the request went past a key that could not be checked")
+
+    async def request():
+        transport = httpx.ASGITransport(app=Authenticate(unreachable, deployment_key="the-deployment-key"))
+        async with httpx.AsyncClient(transport=transport, base_url="http://kiln") as http:
+            return await asyncio.wait_for(
+                http.get("/v1/jobs", headers={"Authorization": f"Bearer kiln_{'0' * 12}_{'a' * 43}"}), 10)
+
+    response = run(request)
+    assert response.status_code == 503, response.text
+    assert response.json()["error"]["code"] == "database_unavailable"
+    assert response.headers["retry-after"] == "5"

@@ -337,9 +337,9 @@ def test_submit_a_job_watch_its_curve_grow_and_download_the_weights(dash, stack,
     assert page.locator("#cancel-btn").count() == 0, "nothing to cancel once finished"
     dash.shot("job-succeeded.png")
 
-    # Hover the loss chart: the read-out names the epoch and both values.
-    box = page.locator('svg.chart[data-metric="loss"] rect.hit').bounding_box()
-    page.mouse.move(box["x"] + box["width"] * 0.5, box["y"] + box["height"] * 0.5)
+    # Hover the loss chart: the read-out names the epoch and both values. hover() waits for the chart's hit area,
+    # which each redraw (every 5 s) replaces; measuring its box by hand could catch it between two.
+    page.locator('svg.chart[data-metric="loss"] rect.hit').hover()
     tip = page.locator('.chart-card[data-metric="loss"] .tip')
     tip.wait_for(state="visible")
     assert "epoch" in tip.inner_text() and "val" in tip.inner_text()

@@ -97,7 +97,7 @@ class _Pool:
         try:
             if conn.info.transaction_status == TransactionStatus.IDLE:
                 self.idle.append((conn, time.monotonic()))
-            else:  # cut off, or abandoned mid-query (a cancelled request): not fit to hand out again
+            else:  # cut off mid-read (psycopg itself recovers one from a cancelled query): never reused
                 await conn.close()
         finally:
             self.slots.release()

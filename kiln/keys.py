@@ -10,6 +10,7 @@ import hashlib
 import hmac
 import re
 import secrets
+from typing import Any
 
 from sqlalchemy import bindparam, select, update
 from sqlalchemy.orm import Session
@@ -66,7 +67,7 @@ def revoke_key(session: Session, key_id: str) -> bool:
 _BY_ID = select(ApiKey.id, ApiKey.owner, ApiKey.digest, ApiKey.revoked_at).where(ApiKey.id == bindparam("id"))
 
 
-async def find_key(key: str):
+async def find_key(key: str) -> Any | None:
     """The row of this exact key (revoked or not), or None; read on the API's event loop (kiln.reads). A
     malformed key costs no query."""
     match = _KEY.match(key)

@@ -18,6 +18,7 @@ PING_AFTER_IDLE_S pinged before use, and only connections back in a clean state 
 
 import asyncio
 import contextlib
+import math
 import time
 from collections.abc import AsyncIterator, Sequence
 from functools import lru_cache
@@ -25,6 +26,7 @@ from typing import Any
 
 import anyio.to_thread
 import psycopg
+from psycopg.conninfo import make_conninfo
 from psycopg.pq import TransactionStatus
 from psycopg.rows import namedtuple_row
 from sqlalchemy import Select, exc, make_url
@@ -33,8 +35,9 @@ from kiln import db
 from kiln.settings import get_settings
 
 # Per API process. Each read holds its connection for one round trip; a read that finds all of them busy waits
-# on the loop for one.
+# on the loop for one, up to WAIT_S (as the engine's pool_timeout), then fails as the database being unavailable.
 READ_POOL_SIZE = 30
+WAIT_S = 30.0
 
 
 async def rows(statement: Select, **params: Any) -> Sequence[Any]:
@@ -61,8 +64,11 @@ def _rows_in_thread(statement: Select, params: dict[str, Any]) -> Sequence[Any]:
 
 @lru_cache(maxsize=64)  # the hot statements are module constants: each compiled once per process
 def _compiled(statement: Select) -> tuple[str, dict[str, Any]]:
+    """The SQL, and the values of the parameters bound in the statement itself; a parameter left for the caller
+    is not given one, so a missing one is an error, as through the engine, not a NULL that matches nothing."""
     compiled = statement.compile(dialect=db.get_engine().dialect)
-    return compiled.string, dict(compiled.params)
+    bound = {name: value for name, value in compiled.params.items() if not compiled.binds[name].required}
+    return compiled.string, bound
 
 
 class _Pool:
@@ -80,7 +86,11 @@ class _Pool:
             await self.release(conn)
 
     async def acquire(self) -> psycopg.AsyncConnection:
-        await self.slots.acquire()
+        try:
+            async with asyncio.timeout(WAIT_S):
+                await self.slots.acquire()
+        except TimeoutError:
+            raise psycopg.OperationalError(f"no read connection came free in {WAIT_S:.0f} s") from None
         try:
             while self.idle:
                 conn, idle_since = self.idle.pop()
@@ -99,6 +109,9 @@ class _Pool:
                 self.idle.append((conn, time.monotonic()))
             else:  # cut off mid-read (psycopg itself recovers one from a cancelled query): never reused
                 await conn.close()
+                # A restart or failover cut the others too: ping each before its next use, as the engine's
+                # disconnect handling replaces its whole pool, so one read fails, not one per connection.
+                self.idle = [(idle, -math.inf) for idle, _ in self.idle]
         finally:
             self.slots.release()
 
@@ -117,6 +130,9 @@ async def _answers(conn: psycopg.AsyncConnection) -> bool:
     except psycopg.Error:
         await conn.close()
         return False
+    except BaseException:  # cancelled mid-ping: it is nobody's now
+        await conn.close()
+        raise
 
 
 # One pool per event loop: an asyncio connection belongs to the loop that opened it.
@@ -126,8 +142,10 @@ _pools: dict[asyncio.AbstractEventLoop, _Pool] = {}
 def _pool() -> _Pool:
     loop = asyncio.get_running_loop()
     if loop not in _pools:
-        url = make_url(get_settings().db_url).set(drivername="postgresql")  # libpq's own URI
-        _pools[loop] = _Pool(url.render_as_string(hide_password=False), READ_POOL_SIZE)
+        # What the engine connects with, quoted for libpq, less the dialect's own type adapters.
+        _, params = db.get_engine().dialect.create_connect_args(make_url(get_settings().db_url))
+        params.pop("context", None)
+        _pools[loop] = _Pool(make_conninfo(**params), READ_POOL_SIZE)
     return _pools[loop]
 
 

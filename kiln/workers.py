@@ -86,11 +86,12 @@ class LiveWorker:
     devices: list[dict[str, Any]]
 
 
-# The workers that reported within the lease (since now - lease) and have not stopped: two columns, no ORM objects.
+# Two columns, no ORM objects; `since` is now minus the lease.
 _LIVE = select(Worker.queues, Worker.devices).where(Worker.stopped_at.is_(None), Worker.last_seen > bindparam("since"))
 
 
 def live_workers(db: Session | Connection, lease_s: float) -> list[LiveWorker]:
+    """The workers that reported within the lease and have not stopped."""
     rows = db.execute(_LIVE, {"since": utcnow() - timedelta(seconds=lease_s)})
     return [LiveWorker(queues, devices) for queues, devices in rows]
 

@@ -75,45 +75,56 @@ def test_more_concurrent_reads_than_connections_all_complete_with_their_own_answ
 
 @pytest.mark.skipif(not ON_POSTGRESQL, reason="the loop's connections are PostgreSQL's (set KILN_TEST_DATABASE_URL)")
 @pytest.mark.parametrize("pinged", [True, False])
-def test_a_connection_the_server_dropped_is_replaced(kiln_database, monkeypatch, pinged):
-    # As after a database restart or a failover: the pooled connection is dead. Idle past the ping's threshold
-    # (here 0 s), it is pinged, found dead and replaced: the read succeeds. Used within it (not pinged), the read
-    # on it fails (the API answers 503) and the connection is dropped, not handed to the next read.
+def test_connections_the_server_dropped_are_replaced(kiln_database, monkeypatch, pinged):
+    # As after a database restart or a failover: both pooled connections are dead. Idle past the ping's threshold
+    # (here 0 s), each is pinged, found dead and replaced: no read fails. Used within it (not pinged), the read on
+    # the first fails (the API answers 503); that connection is dropped and the other one is pinged before its
+    # next use, as the engine replaces its whole pool on a disconnect: one read fails, not one per connection.
     monkeypatch.setattr(kiln.db, "PING_AFTER_IDLE_S", 0.0 if pinged else 3600.0)
+    paused = select(func.pg_backend_pid().label("pid"), func.pg_sleep(0.1).label("slept"))
 
     async def cut_then_read():
-        (first,) = await reads.rows(BACKEND)
+        opened = {row.pid for found in await asyncio.gather(reads.rows(paused), reads.rows(paused)) for row in found}
         with get_engine().connect() as admin:
-            assert admin.scalar(text("SELECT pg_terminate_backend(:pid)"), {"pid": first.pid})
+            for pid in opened:
+                assert admin.scalar(text("SELECT pg_terminate_backend(:pid)"), {"pid": pid})
         if not pinged:
             with pytest.raises(OperationalError):
                 await reads.rows(BACKEND)
-        (second,) = await reads.rows(BACKEND)
-        return first.pid, second.pid
+        after = [(await reads.rows(BACKEND))[0].pid for _ in range(2)]
+        return opened, after
 
-    first, second = run(cut_then_read)
-    assert second != first
+    opened, after = run(cut_then_read)
+    assert len(opened) == 2 and not opened & set(after)
 
 
 @pytest.mark.skipif(not ON_POSTGRESQL, reason="the loop's connections are PostgreSQL's (set KILN_TEST_DATABASE_URL)")
 def test_reads_cancelled_mid_query_give_their_connections_back(kiln_database):
-    # A client that disconnects cancels its request while the query runs. More of them than the pool holds,
-    # and a read after them still gets a connection, and its own answer.
+    # A client that disconnects cancels its request while the query runs. More of them than the pool holds, one
+    # after another, and a read after them still gets a connection: the one they all used (psycopg cancels the
+    # query on the server and the connection is idle again), with its own answer.
     slow = select(func.pg_sleep(5).label("slept"))
 
     async def abandon_then_read():
+        (before,) = await reads.rows(BACKEND)
         for _ in range(reads.READ_POOL_SIZE + 1):
             with pytest.raises(TimeoutError):
-                await asyncio.wait_for(reads.rows(slow), 0.01)
-        (row,) = await asyncio.wait_for(reads.rows(VALUE, value=3), 30)
-        return row.value
+                await asyncio.wait_for(reads.rows(slow), 0.05)
+        (after,) = await asyncio.wait_for(reads.rows(BACKEND), 30)
+        return before.pid, after.pid
 
-    assert run(abandon_then_read) == 3
+    before, after = run(abandon_then_read)
+    assert after == before
+
+
+def test_a_parameter_left_out_is_an_error_not_a_null(kiln_database):
+    with pytest.raises(Exception, match="value"):  # the engine's words on SQLite, psycopg's on PostgreSQL
+        run(lambda: reads.rows(VALUE))
 
 
 def test_a_key_looked_up_while_the_database_is_down_is_a_503(kiln_database_at):
     # The Authenticate middleware looks a per-owner key up before the app's error handlers run: it must answer
-    # the outage as they would (503, retry), not let it become a 500, and at once.
+    # the outage as they would (503, retry), not let it become a 500, and at once (before connect_timeout, 5 s).
     kiln_database_at(f"postgresql+psycopg://postgres@127.0.0.1:{free_port()}/kiln")  # nothing listens there
 
     async def unreachable(scope, receive, send):
@@ -123,7 +134,7 @@ def test_a_key_looked_up_while_the_database_is_down_is_a_503(kiln_database_at):
         transport = httpx.ASGITransport(app=Authenticate(unreachable, deployment_key="the-deployment-key"))
         async with httpx.AsyncClient(transport=transport, base_url="http://kiln") as http:
             return await asyncio.wait_for(
-                http.get("/v1/jobs", headers={"Authorization": f"Bearer kiln_{'0' * 12}_{'a' * 43}"}), 10)
+                http.get("/v1/jobs", headers={"Authorization": f"Bearer kiln_{'0' * 12}_{'a' * 43}"}), 4)
 
     response = run(request)
     assert response.status_code == 503, response.text

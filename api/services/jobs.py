@@ -159,7 +159,7 @@ def with_latest_metrics():
 # cut bought): one Core statement built once, not per request (building it and its cache key was a fifth of the
 # route's CPU); plain rows, not ORM objects; an autocommit connection, not a session (one round trip: no BEGIN,
 # no ROLLBACK), on the event loop (kiln.reads); only the columns shown. The row carries the job's
-# columns that JobOut shows, and its queue (waiting() reads it), under their own names, and the latest epoch's
+# columns that JobOut shows, and its queue (waiting_reasons reads it), under their own names, and the latest epoch's
 # columns as latest_<name>.
 METRIC_FIELDS = list(EpochMetrics.model_fields)  # also api.services.metrics's columns
 _job, _epoch = Job.__table__, EpochMetric.__table__

@@ -13,7 +13,8 @@ package: `apt-get install wrk`) with 2 threads, 64 connections and --latency; wi
 skipped and says so. The baseline is /healthz on the same server: no database, no key, the cheapest answer the
 framework gives; the ratio says how much of the server's capacity a job read costs. wrk runs on the same cores as
 the API and PostgreSQL. They alternate (/healthz, the succeeded job, the queued job), --rounds times, and the
-targets are checked on the medians of each.
+targets are checked on the medians of each. Each run also prints the CPU time the API's processes and PostgreSQL
+spent per request meanwhile (psutil; PostgreSQL's whole server).
 
 The metrics reads are timed from this client, sequentially: the first read of fresh 10,000-epoch histories (no API
 process has read them; each epoch's JSON was rendered when it was written, as a worker does), the same history read
@@ -31,10 +32,11 @@ import time
 from datetime import UTC, datetime
 
 import httpx
+import psutil
 from sqlalchemy import func, insert, select, update
 
 from bench import stack as bench_stack
-from bench.report import heading, machine, median, percentile, target
+from bench.report import cpu_seconds, heading, machine, median, percentile, postgres_cpu, target
 from kiln.cli import default_api_workers
 from kiln.epochs import render_epoch
 from kiln.tables import EpochMetric, Job, JobStatus
@@ -43,18 +45,19 @@ SPEC = {"data": {"dataset": "digits"}, "model": {"type": "mlp", "hidden": [64, 3
 LAYERS = ["0.weight", "0.bias", "2.weight", "2.bias", "4.weight", "4.bias"]
 
 
+def epoch_row(job_id: str, epoch: int, epochs: int, now: datetime) -> dict:
+    """Epoch `epoch` of a job of `epochs`, as the worker writes the row (its JSON rendered with it)."""
+    row = {"job_id": job_id, "epoch": epoch, "attempt": 1, "train_loss": 2.3 / epoch, "val_loss": 2.4 / epoch,
+           "val_accuracy": min(0.99, 0.1 + epoch / epochs), "lr": 1e-3, "duration_s": 0.031, "samples_per_s": 46000.0,
+           "grad_norm": 1.0 / epoch, "grad_norm_per_layer": {name: 0.5 / epoch for name in LAYERS},
+           "train_accuracy": min(0.99, 0.1 + epoch / epochs), "val_r2": None, "created_at": now}
+    return row | {"rendered": render_epoch(row)}
+
+
 def finish(stack: bench_stack.Stack, job_id: str, epochs: int) -> None:
     """Give a submitted job the history of one that succeeded after `epochs` epochs."""
     now = datetime.now(UTC)
-    rows = [
-        {"job_id": job_id, "epoch": e, "attempt": 1, "train_loss": 2.3 / e, "val_loss": 2.4 / e,
-         "val_accuracy": min(0.99, 0.1 + e / epochs), "lr": 1e-3, "duration_s": 0.031, "samples_per_s": 46000.0,
-         "grad_norm": 1.0 / e, "grad_norm_per_layer": {name: 0.5 / e for name in LAYERS},
-         "train_accuracy": min(0.99, 0.1 + e / epochs), "val_r2": None, "created_at": now}
-        for e in range(1, epochs + 1)
-    ]
-    for row in rows:  # as the worker writes each epoch
-        row["rendered"] = render_epoch(row)
+    rows = [epoch_row(job_id, e, epochs, now) for e in range(1, epochs + 1)]
     engine = stack.engine()
     with engine.begin() as conn:
         for start in range(0, len(rows), 2000):
@@ -70,11 +73,7 @@ def add_epoch(stack: bench_stack.Stack, job_id: str) -> None:
     engine = stack.engine()
     with engine.begin() as conn:
         last = conn.scalar(select(func.max(EpochMetric.epoch)).where(EpochMetric.job_id == job_id))
-        row = {"job_id": job_id, "epoch": last + 1, "attempt": 1, "train_loss": 0.01, "val_loss": 0.02,
-               "val_accuracy": 0.99, "lr": 1e-3, "duration_s": 0.031, "samples_per_s": 46000.0, "grad_norm": 0.1,
-               "grad_norm_per_layer": {name: 0.05 for name in LAYERS}, "train_accuracy": 0.99, "val_r2": None,
-               "created_at": datetime.now(UTC)}
-        conn.execute(insert(EpochMetric), [row | {"rendered": render_epoch(row)}])
+        conn.execute(insert(EpochMetric), [epoch_row(job_id, last + 1, last + 1, datetime.now(UTC))])
         conn.execute(update(Job).where(Job.id == job_id).values(epochs_completed=last + 1))
     engine.dispose()
 
@@ -84,7 +83,8 @@ def wrk(url: str, path: str, api_key: str | None, connections: int, duration: in
     if api_key:
         cmd[1:1] = ["-H", f"Authorization: Bearer {api_key}"]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=duration + 60).stdout
-    figures = {"rps": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))}
+    figures = {"rps": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)),
+               "requests": float(re.search(r"(\d+) requests in", out).group(1))}
     for p in ("50", "75", "90", "99"):
         value, unit = re.search(rf"\s{p}%\s+([\d.]+)(us|ms|s)\b", out).groups()
         figures[f"p{p}"] = float(value) * {"us": 1e-3, "ms": 1.0, "s": 1e3}[unit]
@@ -95,16 +95,27 @@ def wrk(url: str, path: str, api_key: str | None, connections: int, duration: in
     return figures
 
 
+def wrk_with_cpu(stack: bench_stack.Stack, path: str, api_key: str | None, connections: int, duration: int) -> dict:
+    """wrk's figures, with the CPU the API's processes and PostgreSQL's spent per request meanwhile (psutil)."""
+    api = psutil.Process(stack.processes["api"].pid)
+    api_before, pg_before = cpu_seconds(api), postgres_cpu()
+    figures = wrk(stack.url, path, api_key, connections, duration)
+    return figures | {"api_us": (cpu_seconds(api) - api_before) / figures["requests"] * 1e6,
+                      "pg_us": (postgres_cpu() - pg_before) / figures["requests"] * 1e6}
+
+
 def medians(runs: list[dict]) -> dict:
     """Each figure's median over the runs (errors: the most any run had)."""
-    figures = {key: median([run[key] for run in runs]) for key in ("rps", "p50", "p75", "p90", "p99")}
+    keys = ("rps", "p50", "p75", "p90", "p99", "api_us", "pg_us")
+    figures = {key: median([run[key] for run in runs]) for key in keys}
     return figures | {"non2xx": max(run["non2xx"] for run in runs),
                       "socket_errors": "; ".join(sorted({run["socket_errors"] for run in runs}))}
 
 
 def show(label: str, f: dict) -> None:
     print(f"  {label:<42} {f['rps']:8,.0f} req/s   p50 {f['p50']:6.2f} ms  p90 {f['p90']:6.2f} ms  "
-          f"p99 {f['p99']:6.2f} ms   non-2xx {f['non2xx']:.0f}, socket errors: {f['socket_errors']}")
+          f"p99 {f['p99']:6.2f} ms   CPU per request: API {f['api_us']:5.0f} us, PostgreSQL {f['pg_us']:4.0f} us   "
+          f"non-2xx {f['non2xx']:.0f}, socket errors: {f['socket_errors']}")
 
 
 def main() -> int:
@@ -144,7 +155,7 @@ def main() -> int:
             runs: dict[str, list[dict]] = {label: [] for label in paths}
             for i in range(args.rounds):
                 for label, (path, key) in paths.items():
-                    runs[label].append(wrk(stack.url, path, key, args.connections, args.duration))
+                    runs[label].append(wrk_with_cpu(stack, path, key, args.connections, args.duration))
                     show(f"round {i + 1}: {label}", runs[label][-1])
             health, *jobs = (medians(series) for series in runs.values())
             for label, figures in zip(paths, (health, *jobs), strict=True):

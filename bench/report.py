@@ -6,6 +6,8 @@ import platform
 import statistics
 from collections.abc import Sequence
 
+import psutil
+
 
 def percentile(values: Sequence[float], p: float) -> float:
     """The p-th percentile (0..100), linear between the closest ranks, as numpy's default."""
@@ -39,3 +41,23 @@ def machine() -> str:
 
 def heading(text: str) -> None:
     print(f"\n== {text}")
+
+
+def _cpu(processes) -> float:
+    """User + system CPU seconds of these processes (those that exit meanwhile count for nothing)."""
+    total = 0.0
+    for p in processes:
+        try:
+            times = p.cpu_times()
+            total += times.user + times.system
+        except psutil.NoSuchProcess:
+            continue
+    return total
+
+
+def cpu_seconds(process: psutil.Process) -> float:
+    return _cpu([process, *process.children(recursive=True)])
+
+
+def postgres_cpu() -> float:
+    return _cpu(p for p in psutil.process_iter(["name"]) if p.info["name"] in ("postgres", "postmaster"))

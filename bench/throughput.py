@@ -28,31 +28,11 @@ import psutil
 from sqlalchemy import text
 
 from bench import stack as bench_stack
-from bench.report import heading, machine, percentile, target
+from bench.report import cpu_seconds, heading, machine, percentile, postgres_cpu, target
 from kiln.dispatch import make_celery
 
 SPEC = {"data": {"dataset": "iris"}, "epochs": 1}
 CLIENTS = 4
-
-
-def _cpu(processes) -> float:
-    """User + system CPU seconds of these processes (those that exit meanwhile count for nothing)."""
-    total = 0.0
-    for p in processes:
-        try:
-            times = p.cpu_times()
-            total += times.user + times.system
-        except psutil.NoSuchProcess:
-            continue
-    return total
-
-
-def cpu_seconds(process: psutil.Process) -> float:
-    return _cpu([process, *process.children(recursive=True)])
-
-
-def postgres_cpu() -> float:
-    return _cpu(p for p in psutil.process_iter(["name"]) if p.info["name"] in ("postgres", "postmaster"))
 
 
 class CpuMeter:

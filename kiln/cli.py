@@ -134,11 +134,12 @@ def up(host: str, port: int, data_dir: Path | None, concurrency: int, gpus: str,
     # What `kiln worker` would start on this host (each GPU's process pinned to it, the CPU one seeing no GPU),
     # and a predictor: predictions have their own process, so long training never delays them.
     tag, hostname = str(os.getpid()), socket.gethostname()
-    workers = [*plan(settings, role="train", gpus=chosen, concurrency=concurrency, extra_queues=(), host=hostname,
-                     tag=tag),
-               *plan(settings, role="predict", gpus=[], concurrency=1, extra_queues=(), host=hostname, tag=tag)]
-    if len(workers) == 1:
+    trainers = plan(settings, role="train", gpus=chosen, concurrency=concurrency, extra_queues=(), host=hostname,
+                    tag=tag)
+    if not trainers:
         _fail("nothing would train: --concurrency 0 and no GPU chosen", 2)
+    workers = [*trainers, *plan(settings, role="predict", gpus=[], concurrency=1, extra_queues=(), host=hostname,
+                                tag=tag)]
     try:
         if not settings.broker_url:
             broker = EmbeddedRedis(settings.data_dir / "redis").start()
@@ -179,7 +180,7 @@ def up(host: str, port: int, data_dir: Path | None, concurrency: int, gpus: str,
             f"  data dir:  {settings.data_dir}\n"
             f"  broker:    {settings.broker_url}{'  (embedded)' if broker else ''}\n"
             f"  database:  {settings.db_url}\n"
-            f"  workers:   {_workers_line(workers, chosen)}\n\n"
+            f"  workers:   {_workers_line(trainers, chosen)}, a predictor\n\n"
             f"Try:  kiln submit examples/digits.json --follow\n"
             f"Stop: Ctrl-C\n"
         )
@@ -194,15 +195,13 @@ def up(host: str, port: int, data_dir: Path | None, concurrency: int, gpus: str,
             broker.stop()
 
 
-def _workers_line(workers: "list[WorkerProcess]", gpus: list[Gpu]) -> str:
-    """`kiln up`'s workers in a line: "1 CPU training process, GPU 0 (NVIDIA H100 80GB HBM3), a predictor"."""
+def _workers_line(trainers: "list[WorkerProcess]", gpus: list[Gpu]) -> str:
+    """The training processes in a line: "GPU 0 (NVIDIA H100 80GB HBM3), 1 CPU training process"."""
     by_uuid = {g.uuid: g for g in gpus}
     parts = []
-    for w in workers:
+    for w in trainers:
         if (gpu := by_uuid.get(w.env.get("CUDA_VISIBLE_DEVICES", ""))) is not None:
             parts.append(f"GPU {gpu.index} ({gpu.name})")
-        elif w.name.startswith("predict-"):
-            parts.append("a predictor")
         else:
             parts.append(f"{w.concurrency} CPU training process{'es' if w.concurrency > 1 else ''}")
     return ", ".join(parts)

@@ -96,9 +96,7 @@ class _Pool:
                 conn, idle_since = self.idle.pop()
                 if time.monotonic() - idle_since < db.PING_AFTER_IDLE_S or await _answers(conn):
                     return conn
-            return await psycopg.AsyncConnection.connect(
-                self.conninfo, autocommit=True, **db.connect_args("postgresql")
-            )
+            return await psycopg.AsyncConnection.connect(self.conninfo, autocommit=True)
         except BaseException:
             self.slots.release()
             raise
@@ -142,10 +140,12 @@ _pools: dict[asyncio.AbstractEventLoop, _Pool] = {}
 def _pool() -> _Pool:
     loop = asyncio.get_running_loop()
     if loop not in _pools:
-        # What the engine connects with, quoted for libpq, less the dialect's own type adapters.
-        _, params = db.get_engine().dialect.create_connect_args(make_url(get_settings().db_url))
+        # What the engine connects with (its URL, its timeout and keepalives), quoted for libpq, less the
+        # dialect's own type adapters.
+        url = get_settings().db_url
+        _, params = db.get_engine().dialect.create_connect_args(make_url(url))
         params.pop("context", None)
-        _pools[loop] = _Pool(make_conninfo(**params), READ_POOL_SIZE)
+        _pools[loop] = _Pool(make_conninfo(**params, **db.connect_args(url)), READ_POOL_SIZE)
     return _pools[loop]
 
 

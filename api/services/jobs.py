@@ -196,8 +196,6 @@ async def job_json(owner: str, job_id: str) -> bytes:
 # most once a second, not on every poll of a queued job: that read was nearly half the API's CPU per such poll
 # (1.2 -> 0.65 ms; BENCHMARKS.md, section 5). One snapshot per process: an API process serves one database.
 LIVE_WORKERS_MAX_AGE_S = 1.0
-
-
 _live: tuple[float, list[LiveWorker]] = (-math.inf, [])
 
 

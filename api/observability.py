@@ -1,8 +1,9 @@
 """Prometheus metrics at /metrics.
 
 Request latency is measured here, in the API process. What the workers do is read from the database at
-scrape time (jobs by status, epoch durations) and the broker (queue depth), so a worker needs no endpoint
-of its own and a scrape always agrees with what the API serves.
+scrape time (jobs by status; epoch durations, which workers count as they write each epoch: kiln.epoch_counts) and
+the broker (queue depth), so a worker needs no endpoint of its own and a scrape always agrees with what the API
+serves.
 
 With several API processes (`kiln up --api-workers N`, uvicorn --workers), a scrape reaches one of them: with
 PROMETHEUS_MULTIPROC_DIR set (`kiln up` sets it when N > 1), each process writes its latency to files there and
@@ -16,14 +17,13 @@ import redis
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.multiprocess import MultiProcessCollector
-from sqlalchemy import case, func, select
+from sqlalchemy import func, select
 
+from kiln import epoch_counts
 from kiln.db import get_sessionmaker
 from kiln.dispatch import predict_queue, worker_queues
 from kiln.settings import Settings
-from kiln.tables import EpochMetric, Job, JobStatus
-
-EPOCH_BUCKETS = (0.01, 0.05, 0.1, 0.5, 1, 5, 10, 30, 60, 300, 900, 3600)
+from kiln.tables import Job, JobStatus
 
 
 class Metrics:
@@ -53,8 +53,7 @@ class _StateCollector:
         jobs = GaugeMetricFamily("kiln_jobs", "Jobs by status, all owners.", labels=["status"])
         with get_sessionmaker()() as session:
             counts = dict(session.execute(select(Job.status, func.count()).group_by(Job.status)).all())
-            buckets = [func.sum(case((EpochMetric.duration_s <= b, 1), else_=0)) for b in EPOCH_BUCKETS]
-            row = session.execute(select(func.count(), func.sum(EpochMetric.duration_s), *buckets)).one()
+            cumulative, count, total = epoch_counts.histogram(session)
             # kiln's own queues, and the named pools that queued jobs wait in
             pools = session.scalars(select(Job.queue).where(Job.status == JobStatus.queued).distinct()).all()
         queues = {*worker_queues(self.settings, gpu=True), *worker_queues(self.settings, gpu=False),
@@ -62,12 +61,8 @@ class _StateCollector:
         for status in JobStatus:
             jobs.add_metric([status.value], counts.get(status, 0))
         yield jobs
-        count, total, *cumulative = row
         epochs = HistogramMetricFamily("kiln_epoch_duration_seconds", "Duration of every epoch trained.")
-        epochs.add_metric(
-            [], [(str(b), c or 0) for b, c in zip(EPOCH_BUCKETS, cumulative, strict=True)] + [("+Inf", count)],
-            sum_value=total or 0.0,
-        )
+        epochs.add_metric([], [(str(b), n) for b, n in cumulative] + [("+Inf", count)], sum_value=total)
         yield epochs
         depth = GaugeMetricFamily("kiln_queue_depth", "Messages waiting in the broker, by queue.", labels=["queue"])
         try:

@@ -4,7 +4,19 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Any
 
-from sqlalchemy import JSON, Boolean, Enum, Float, ForeignKey, Index, Integer, String, Text, UniqueConstraint
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    Enum,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+)
 from sqlalchemy.orm import Mapped, mapped_column
 
 from kiln.catalog import DatasetInfo, Task
@@ -93,6 +105,18 @@ class EpochMetric(Base):
     # rendering 10,000 epochs from their columns took PostgreSQL 30 ms (api.services.metrics). None in rows
     # written before.
     rendered: Mapped[str | None] = mapped_column(Text)
+
+
+class EpochDurations(Base):
+    """Epochs trained by one worker whose duration falls in one bucket of /metrics' histogram, and their seconds
+    (kiln.epoch_counts): counted in the transaction that writes each epoch's row, never decreased."""
+
+    __tablename__ = "epoch_durations"
+
+    worker: Mapped[str] = mapped_column(String(200), primary_key=True)  # as in jobs.worker
+    le: Mapped[float] = mapped_column(Float, primary_key=True)  # the bucket's upper bound in seconds; inf past the last
+    epochs: Mapped[int] = mapped_column(BigInteger)
+    seconds: Mapped[float] = mapped_column(Float)
 
 
 class JobEvent(Base):

@@ -21,12 +21,12 @@ import redis
 from sqlalchemy import create_engine, make_url, text
 from sqlalchemy.engine import Engine
 
-from kiln.db import make_engine
+from kiln.db import make_engine, reset_engine
 from kiln.dispatch import make_celery, predict_queue, worker_queues
 from kiln.embedded import EmbeddedRedis, free_port, stop_process, wait_until
 from kiln.launch import worker_command
 from kiln.migrate import upgrade
-from kiln.settings import Settings
+from kiln.settings import Settings, get_settings
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -82,6 +82,20 @@ def engine(make_database) -> Iterator[Engine]:
     engine = make_engine(url)
     yield engine
     engine.dispose()
+
+
+@pytest.fixture
+def kiln_database_at(monkeypatch):
+    """Points this process's kiln settings at a database URL; they are forgotten afterwards."""
+
+    def use(url: str) -> None:
+        monkeypatch.setenv("KILN_DATABASE_URL", url)
+        get_settings.cache_clear()
+        reset_engine()
+
+    yield use
+    get_settings.cache_clear()
+    reset_engine()
 
 
 @pytest.fixture(scope="session")

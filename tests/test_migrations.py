@@ -4,8 +4,12 @@ import os
 
 import pytest
 from sqlalchemy import create_engine, inspect
+from sqlalchemy.orm import Session
 
+from kiln import epoch_counts
+from kiln.db import make_engine, utcnow
 from kiln.migrate import check, upgrade
+from kiln.tables import EpochMetric, Job, JobStatus
 
 
 def _upgrade_and_check(url: str) -> None:
@@ -26,3 +30,26 @@ def test_sqlite_upgrade_head_has_no_drift(tmp_path):
 @pytest.mark.skipif(not os.environ.get("KILN_TEST_DATABASE_URL"), reason="set KILN_TEST_DATABASE_URL for PostgreSQL")
 def test_postgres_upgrade_head_has_no_drift(database_url):
     _upgrade_and_check(database_url)
+
+
+def test_epochs_written_before_0009_are_counted_once(make_database):
+    url = make_database()
+    upgrade(url, "0008")
+    durations = [0.004, 0.02, 0.02, 2.0, 7200.0]
+    engine = make_engine(url)
+    try:
+        with Session(engine) as session:
+            session.add(Job(id="old", owner="default", status=JobStatus.succeeded, spec={}, queue="kiln",
+                            created_at=utcnow(), epochs_completed=5, attempt=1, cancel_requested=False))
+            session.flush()  # the job's row before its epochs': no relationship() tells the session the order
+            session.add_all(EpochMetric(job_id="old", epoch=i, attempt=1, train_loss=1.0, lr=0.1, duration_s=d,
+                                        samples_per_s=1.0) for i, d in enumerate(durations, 1))
+            session.commit()
+        upgrade(url)
+        with Session(engine) as session:
+            cumulative, count, total = epoch_counts.histogram(session)
+    finally:
+        engine.dispose()
+    assert dict(cumulative) == {0.01: 1, 0.05: 3, 0.1: 3, 0.5: 3, 1: 3, 5: 4, 10: 4, 30: 4, 60: 4, 300: 4, 900: 4,
+                                3600: 4}
+    assert count == 5 and total == pytest.approx(sum(durations))

@@ -8,8 +8,14 @@ import sys
 import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
 
+from api.observability import Metrics
 from kiln.embedded import free_port, wait_until
+from kiln.epoch_counts import count_epoch
+from kiln.settings import get_settings
+from kiln.tables import EpochDurations, EpochMetric
 from tests.conftest import ROOT, answers, stop_process
 
 SPEC = {"data": {"dataset": "iris"}, "epochs": 3}
@@ -26,6 +32,7 @@ def value(samples, name: str, **labels) -> float:
 
 
 def test_prometheus_metrics(stack, client):
+    counted = value(scrape(stack)["kiln_epoch_duration_seconds"], "kiln_epoch_duration_seconds_count")
     job = client.post("/v1/jobs", json=SPEC).json()
     stack.wait_for_job(client, job["id"], lambda j: j["status"] == "succeeded")
     client.get(f"/v1/jobs/{job['id']}")
@@ -36,7 +43,7 @@ def test_prometheus_metrics(stack, client):
                                                                    "cancelled"}
     assert value(families["kiln_queue_depth"], "kiln_queue_depth", queue=stack.settings.queue) >= 0
     epochs = families["kiln_epoch_duration_seconds"]
-    assert value(epochs, "kiln_epoch_duration_seconds_count") >= SPEC["epochs"]
+    assert value(epochs, "kiln_epoch_duration_seconds_count") >= counted + SPEC["epochs"], "the worker counts each"
     assert value(epochs, "kiln_epoch_duration_seconds_sum") > 0
 
     latency = families["kiln_http_request_duration_seconds"]
@@ -45,6 +52,31 @@ def test_prometheus_metrics(stack, client):
     assert not any(job["id"] in route for route in routes), "one series per route, never per id"
     assert value(latency, "kiln_http_request_duration_seconds_count", route="/v1/jobs/{job_id}", method="GET",
                  status="2xx") >= 1
+
+
+def test_epochs_are_counted_as_written_not_read_back(engine, kiln_database_at, monkeypatch):
+    # A scrape reads the counts the workers keep (a few rows per worker), never the epochs themselves: with no
+    # epoch_metrics row at all, the histogram still holds every epoch counted.
+    for worker, seconds in [("a@host", 0.004), ("a@host", 0.02), ("a@host", 0.03), ("b@host", 0.02),
+                            ("b@host", 7200.0)]:
+        with Session(engine) as session:
+            count_epoch(session, worker, seconds)
+            session.commit()
+    with Session(engine) as session:
+        assert session.scalar(select(func.count()).select_from(EpochDurations)) == 4, "one row per worker and bucket"
+        assert session.scalar(select(func.count()).select_from(EpochMetric)) == 0
+    monkeypatch.setenv("KILN_BROKER_URL", f"redis://127.0.0.1:{free_port()}/0")  # down: no queue depth, no error
+    kiln_database_at(engine.url.render_as_string(hide_password=False))
+
+    text = Metrics(get_settings()).render().decode()
+    samples = {family.name: family.samples for family in text_string_to_metric_families(text)}
+    epochs = samples["kiln_epoch_duration_seconds"]
+    buckets = {s.labels["le"]: s.value for s in epochs if s.name == "kiln_epoch_duration_seconds_bucket"}
+    assert buckets == {"0.01": 1, "0.05": 4, "0.1": 4, "0.5": 4, "1": 4, "5": 4, "10": 4, "30": 4, "60": 4,
+                       "300": 4, "900": 4, "3600": 4, "+Inf": 5}
+    assert value(epochs, "kiln_epoch_duration_seconds_count") == 5
+    assert value(epochs, "kiln_epoch_duration_seconds_sum") == pytest.approx(7200.074)
+    assert not samples["kiln_queue_depth"]
 
 
 def test_metrics_hold_no_owner_data(stack, client):

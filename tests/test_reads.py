@@ -12,27 +12,12 @@ from sqlalchemy.exc import OperationalError
 import kiln.db
 from api.deps import Authenticate
 from kiln import reads
-from kiln.db import get_engine, reset_engine
+from kiln.db import get_engine
 from kiln.embedded import free_port
-from kiln.settings import get_settings
 
 ON_POSTGRESQL = bool(os.environ.get("KILN_TEST_DATABASE_URL"))
 VALUE = select(bindparam("value", type_=Integer).label("value"))
 BACKEND = select(func.pg_backend_pid().label("pid"))
-
-
-@pytest.fixture
-def kiln_database_at(monkeypatch):
-    """Points this process's kiln settings at a database URL; they are forgotten afterwards."""
-
-    def use(url: str) -> None:
-        monkeypatch.setenv("KILN_DATABASE_URL", url)
-        get_settings.cache_clear()
-        reset_engine()
-
-    yield use
-    get_settings.cache_clear()
-    reset_engine()
 
 
 @pytest.fixture

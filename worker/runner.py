@@ -31,6 +31,7 @@ from sqlalchemy.exc import InterfaceError, OperationalError
 from kiln.catalog import BUILTIN_DATASETS, DatasetInfo
 from kiln.db import UTCDateTime, session_scope, utcnow
 from kiln.dispatch import publish_job
+from kiln.epoch_counts import count_epoch
 from kiln.epochs import json_safe, render_epoch
 from kiln.history import record
 from kiln.settings import Settings, get_settings
@@ -257,6 +258,7 @@ class EpochRecorder:
             values = epoch_values(m, self.claim.attempt)
             session.add(EpochMetric(job_id=self.claim.job_id, **values, rendered=render_epoch(values),
                                     created_at=utcnow()))
+            count_epoch(session, self.claim.worker, m.duration_s)
 
 
 def epoch_values(m: EpochMetrics, attempt: int) -> dict[str, Any]:

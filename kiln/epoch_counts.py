@@ -1,0 +1,41 @@
+"""Epochs counted by duration as workers write them, for /metrics' kiln_epoch_duration_seconds.
+
+Each epoch adds one to its bucket in the transaction that writes its row, so a scrape reads a few rows instead of
+every epoch ever trained. The counts are kept per worker, so that workers committing epochs at once never wait on
+each other's row lock; a scrape sums them. Like any Prometheus counter they never go down."""
+
+import math
+
+from sqlalchemy import func, select
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.orm import Session
+
+from kiln.tables import EpochDurations
+
+# Upper bounds of the histogram's buckets, in seconds; +Inf beyond the last.
+EPOCH_BUCKETS = (0.01, 0.05, 0.1, 0.5, 1, 5, 10, 30, 60, 300, 900, 3600)
+
+
+def bucket(duration_s: float) -> float:
+    """The upper bound of the smallest bucket that holds `duration_s` (inf past the last)."""
+    return next((bound for bound in EPOCH_BUCKETS if duration_s <= bound), math.inf)
+
+
+def count_epoch(session: Session, worker: str, duration_s: float) -> None:
+    insert = postgresql.insert if session.get_bind().dialect.name == "postgresql" else sqlite.insert
+    row = insert(EpochDurations).values(worker=worker, le=bucket(duration_s), epochs=1, seconds=duration_s)
+    session.execute(row.on_conflict_do_update(
+        index_elements=[EpochDurations.worker, EpochDurations.le],
+        set_={EpochDurations.epochs: EpochDurations.epochs + 1,
+              EpochDurations.seconds: EpochDurations.seconds + row.excluded.seconds},
+    ))
+
+
+def histogram(session: Session) -> tuple[list[tuple[float, int]], int, float]:
+    """([(upper bound, epochs at most that long)] for each of EPOCH_BUCKETS, all epochs, their total seconds)."""
+    rows = session.execute(
+        select(EpochDurations.le, func.sum(EpochDurations.epochs), func.sum(EpochDurations.seconds))
+        .group_by(EpochDurations.le)
+    ).all()
+    cumulative = [(bound, sum(n for le, n, _ in rows if le <= bound)) for bound in EPOCH_BUCKETS]
+    return cumulative, sum(n for _, n, _ in rows), sum(s for _, _, s in rows)

@@ -210,6 +210,31 @@ def test_fit_learns_moons():
     assert all(m.lr == 0.01 and m.duration_s > 0 and m.samples_per_s > 0 for m in result.history)
 
 
+def test_bf16_autocast_trains_float32_weights_to_the_same_place():
+    # The accelerator path runs on CPU too: the forward pass in bf16 (so not the float32 curve bit for bit), the
+    # weights and optimizer state in float32, and the model as good at the end.
+    spec = make_spec(epochs=20)
+    exact = fit(*prepare(spec), spec)
+    model, data = prepare(spec)
+    mixed = fit(model, data, spec, bf16=True)
+    assert curve(mixed) != curve(exact)
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    assert mixed.history[-1].val_accuracy > 0.9
+    assert mixed.history[-1].train_loss == pytest.approx(exact.history[-1].train_loss, rel=0.25, abs=0.02)
+
+
+def test_compiled_forward_gives_the_eager_curve():
+    spec = make_spec(epochs=3)
+    eager = fit(*prepare(spec), spec)
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    compiled = fit(*prepare(spec), spec, compile_mode="default")
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > graphs, "torch.compile traced the forward pass"
+    for a, b in zip(compiled.history, eager.history, strict=True):
+        assert (a.train_loss, a.val_loss, a.grad_norm) == pytest.approx((b.train_loss, b.val_loss, b.grad_norm),
+                                                                         rel=1e-4)
+        assert a.val_accuracy == b.val_accuracy
+
+
 def test_fit_learns_linear_regression():
     spec = make_spec(data={"dataset": "regression", "samples": 400}, optimizer=SGD, epochs=10)
     model, data = prepare(spec)

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Connection, DateTime, Engine, MetaData, create_engine, event, exc
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import DeclarativeBase, Session, sessionmaker
 from sqlalchemy.types import TypeDecorator
 
@@ -160,6 +161,11 @@ def session_scope() -> Iterator[Session]:
     """A short unit of work: commit on success, roll back on error, always close."""
     with get_sessionmaker()() as session, session.begin():
         yield session
+
+
+def dialect_insert(dialect: str):
+    """The INSERT construct of a dialect ("postgresql" or "sqlite"): both have ON CONFLICT."""
+    return postgresql.insert if dialect == "postgresql" else sqlite.insert
 
 
 def reset_engine() -> None:

@@ -12,11 +12,14 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from api.observability import Metrics
+from kiln import epoch_counts
+from kiln.db import utcnow
 from kiln.embedded import free_port, wait_until
-from kiln.epoch_counts import count_epoch
 from kiln.settings import get_settings
-from kiln.tables import EpochDurations, EpochMetric
+from kiln.tables import EpochDurations, EpochMetric, Job, JobStatus
 from tests.conftest import ROOT, answers, stop_process
+from worker.runner import EpochRecorder, claim
+from worker.training import EpochMetrics
 
 SPEC = {"data": {"dataset": "iris"}, "epochs": 3}
 
@@ -60,7 +63,7 @@ def test_epochs_are_counted_as_written_not_read_back(engine, kiln_database_at, m
     for worker, seconds in [("a@host", 0.004), ("a@host", 0.02), ("a@host", 0.03), ("b@host", 0.02),
                             ("b@host", 7200.0)]:
         with Session(engine) as session:
-            count_epoch(session, worker, seconds)
+            epoch_counts.count_epoch(session, worker, seconds)
             session.commit()
     with Session(engine) as session:
         assert session.scalar(select(func.count()).select_from(EpochDurations)) == 4, "one row per worker and bucket"
@@ -77,6 +80,27 @@ def test_epochs_are_counted_as_written_not_read_back(engine, kiln_database_at, m
     assert value(epochs, "kiln_epoch_duration_seconds_count") == 5
     assert value(epochs, "kiln_epoch_duration_seconds_sum") == pytest.approx(7200.074)
     assert not samples["kiln_queue_depth"]
+
+
+def test_an_epoch_committed_twice_is_one_row_counted_once(engine, kiln_database_at):
+    # A commit whose acknowledgement was lost is tried again (worker.runner._retrying): the second try finds the
+    # epoch written and neither writes nor counts it again.
+    kiln_database_at(engine.url.render_as_string(hide_password=False))
+    with Session(engine) as session:
+        session.add(Job(id="j", owner="default", status=JobStatus.queued, spec=SPEC, queue="kiln",
+                        created_at=utcnow(), epochs_completed=0, attempt=0, cancel_requested=False))
+        session.commit()
+    recorder = EpochRecorder(claim("j", "w@host", get_settings()), None, get_settings(), None)
+    epoch = EpochMetrics(epoch=1, train_loss=0.5, val_loss=0.6, val_accuracy=0.7, lr=0.1, duration_s=0.02,
+                         samples_per_s=100.0, grad_norm_per_layer={"0.weight": 1.0})
+    recorder._commit(epoch)
+    recorder._commit(epoch)
+    with Session(engine) as session:
+        rows = session.scalars(select(EpochMetric)).all()
+        assert [(r.epoch, r.grad_norm_per_layer) for r in rows] == [(1, {"0.weight": 1.0})]
+        assert json.loads(rows[0].rendered)["train_loss"] == 0.5
+        assert session.get(Job, "j").epochs_completed == 1
+        assert epoch_counts.histogram(session)[1:] == (1, 0.02)
 
 
 def test_metrics_hold_no_owner_data(stack, client):

@@ -29,7 +29,7 @@ from sqlalchemy import func, literal, or_, select, update
 from sqlalchemy.exc import InterfaceError, OperationalError
 
 from kiln.catalog import BUILTIN_DATASETS, DatasetInfo
-from kiln.db import UTCDateTime, session_scope, utcnow
+from kiln.db import UTCDateTime, dialect_insert, session_scope, utcnow
 from kiln.dispatch import publish_job
 from kiln.epoch_counts import count_epoch
 from kiln.epochs import json_safe, render_epoch
@@ -253,12 +253,19 @@ class EpochRecorder:
             )
             if session.execute(fenced).rowcount != 1:
                 raise LeaseLost
-            if session.get(EpochMetric, (self.claim.job_id, m.epoch)) is not None:
-                return  # this attempt's earlier try committed, and only its acknowledgement was lost
             values = epoch_values(m, self.claim.attempt)
-            session.add(EpochMetric(job_id=self.claim.job_id, **values, rendered=render_epoch(values),
-                                    created_at=utcnow()))
-            count_epoch(session, self.claim.worker, m.duration_s)
+            row = {"job_id": self.claim.job_id, **values, "rendered": render_epoch(values), "created_at": utcnow()}
+            if session.execute(_new_epoch(session.get_bind().dialect.name), row).rowcount == 1:
+                count_epoch(session, self.claim.worker, m.duration_s)
+            # else this attempt's earlier try committed the epoch, and only its acknowledgement was lost
+
+
+@functools.cache
+def _new_epoch(dialect: str):
+    """The epoch's row, unless it is there already; built once per dialect. On the table, not the ORM class, and
+    with preserve_rowcount: only then does an INSERT's result carry the rowcount that says whether it wrote."""
+    insert = dialect_insert(dialect)(EpochMetric.__table__).on_conflict_do_nothing()
+    return insert.execution_options(preserve_rowcount=True)
 
 
 def epoch_values(m: EpochMetrics, attempt: int) -> dict[str, Any]:

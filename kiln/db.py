@@ -164,8 +164,11 @@ def session_scope() -> Iterator[Session]:
 
 
 def dialect_insert(dialect: str):
-    """The INSERT construct of a dialect ("postgresql" or "sqlite"): both have ON CONFLICT."""
-    return postgresql.insert if dialect == "postgresql" else sqlite.insert
+    """The INSERT construct of kiln's dialects, PostgreSQL's and SQLite's, both with ON CONFLICT."""
+    inserts = {"postgresql": postgresql.insert, "sqlite": sqlite.insert}
+    if dialect not in inserts:
+        raise ValueError(f"kiln runs on PostgreSQL or SQLite, not {dialect}")
+    return inserts[dialect]
 
 
 def reset_engine() -> None:

@@ -1,13 +1,12 @@
 """Epochs counted by duration as workers write them, for /metrics' kiln_epoch_duration_seconds.
 
-Each epoch adds one to its bucket in the transaction that writes its row, so a scrape reads a few rows instead of
-every epoch ever trained. The counts are kept per worker, so that workers committing epochs at once never wait on
-each other's row lock; a scrape sums them. Like any Prometheus counter they never go down."""
+Each epoch adds one to its bucket's row in the transaction that writes the epoch's own row, so a scrape reads a
+dozen rows instead of every epoch ever trained. Like any Prometheus counter the counts never go down."""
 
 import functools
 import math
 
-from sqlalchemy import bindparam, func, select
+from sqlalchemy import bindparam, select
 from sqlalchemy.orm import Session
 
 from kiln.db import dialect_insert
@@ -22,18 +21,19 @@ def bucket(duration_s: float) -> float:
     return next((bound for bound in EPOCH_BUCKETS if duration_s <= bound), math.inf)
 
 
-def count_epoch(session: Session, worker: str, duration_s: float) -> None:
+def count_epoch(session: Session, duration_s: float) -> None:
+    """Adds an epoch. Its bucket's row stays locked until the transaction ends: the caller makes this its last
+    statement, so that two epochs of the same bucket committing at once wait for one round trip at most."""
     statement = _counted(session.get_bind().dialect.name)
-    session.execute(statement, {"worker": worker, "le": bucket(duration_s), "seconds": duration_s})
+    session.execute(statement, {"le": bucket(duration_s), "seconds": duration_s})
 
 
 @functools.cache
 def _counted(dialect: str):
     """The upsert adding one epoch, built once per dialect: building it took as long as running it."""
-    row = dialect_insert(dialect)(EpochDurations).values(
-        worker=bindparam("worker"), le=bindparam("le"), epochs=1, seconds=bindparam("seconds"))
+    row = dialect_insert(dialect)(EpochDurations).values(le=bindparam("le"), epochs=1, seconds=bindparam("seconds"))
     return row.on_conflict_do_update(
-        index_elements=[EpochDurations.worker, EpochDurations.le],
+        index_elements=[EpochDurations.le],
         set_={EpochDurations.epochs: EpochDurations.epochs + 1,
               EpochDurations.seconds: EpochDurations.seconds + row.excluded.seconds},
     )
@@ -41,9 +41,6 @@ def _counted(dialect: str):
 
 def histogram(session: Session) -> tuple[list[tuple[float, int]], int, float]:
     """([(upper bound, epochs at most that long)] for each of EPOCH_BUCKETS, all epochs, their total seconds)."""
-    rows = session.execute(
-        select(EpochDurations.le, func.sum(EpochDurations.epochs), func.sum(EpochDurations.seconds))
-        .group_by(EpochDurations.le)
-    ).all()
+    rows = session.execute(select(EpochDurations.le, EpochDurations.epochs, EpochDurations.seconds)).all()
     cumulative = [(bound, sum(n for le, n, _ in rows if le <= bound)) for bound in EPOCH_BUCKETS]
     return cumulative, sum(n for _, n, _ in rows), sum(s for _, _, s in rows)

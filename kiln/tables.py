@@ -108,12 +108,11 @@ class EpochMetric(Base):
 
 
 class EpochDurations(Base):
-    """Epochs trained by one worker whose duration falls in one bucket of /metrics' histogram, and their seconds
-    (kiln.epoch_counts): counted in the transaction that writes each epoch's row, never decreased."""
+    """How many epochs took at most `le` seconds (and more than the bucket below), and their seconds, for /metrics'
+    histogram (kiln.epoch_counts): counted in the transaction that writes each epoch's row, never decreased."""
 
     __tablename__ = "epoch_durations"
 
-    worker: Mapped[str] = mapped_column(String(200), primary_key=True)  # as in jobs.worker
     le: Mapped[float] = mapped_column(Float, primary_key=True)  # the bucket's upper bound in seconds; inf past the last
     epochs: Mapped[int] = mapped_column(BigInteger)
     seconds: Mapped[float] = mapped_column(Float)

@@ -3,13 +3,12 @@
 import os
 
 import pytest
-from sqlalchemy import create_engine, inspect
+from sqlalchemy import create_engine, inspect, text
 from sqlalchemy.orm import Session
 
 from kiln import epoch_counts
-from kiln.db import make_engine, utcnow
+from kiln.db import make_engine
 from kiln.migrate import check, upgrade
-from kiln.tables import EpochMetric, Job, JobStatus
 
 
 def _upgrade_and_check(url: str) -> None:
@@ -38,13 +37,15 @@ def test_epochs_written_before_0009_are_counted_once(make_database):
     durations = [0.004, 0.02, 0.02, 2.0, 7200.0]
     engine = make_engine(url)
     try:
-        with Session(engine) as session:
-            session.add(Job(id="old", owner="default", status=JobStatus.succeeded, spec={}, queue="kiln",
-                            created_at=utcnow(), epochs_completed=5, attempt=1, cancel_requested=False))
-            session.flush()  # the job's row before its epochs': no relationship() tells the session the order
-            session.add_all(EpochMetric(job_id="old", epoch=i, attempt=1, train_loss=1.0, lr=0.1, duration_s=d,
-                                        samples_per_s=1.0) for i, d in enumerate(durations, 1))
-            session.commit()
+        with engine.begin() as conn:  # revision 0008's columns, as SQL: today's ORM classes may have more
+            conn.execute(text(
+                "INSERT INTO jobs (id, owner, status, spec, queue, created_at, epochs_completed, checkpoint_epoch, "
+                "attempt, cancel_requested) VALUES ('old', 'default', 'succeeded', '{}', 'kiln', CURRENT_TIMESTAMP, "
+                "5, 5, 1, false)"))
+            conn.execute(text(
+                "INSERT INTO epoch_metrics (job_id, epoch, attempt, train_loss, lr, duration_s, samples_per_s, "
+                "created_at) VALUES ('old', :epoch, 1, 1.0, 0.1, :duration, 1.0, CURRENT_TIMESTAMP)"),
+                [{"epoch": i, "duration": d} for i, d in enumerate(durations, 1)])
         upgrade(url)
         with Session(engine) as session:
             cumulative, count, total = epoch_counts.histogram(session)

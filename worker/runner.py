@@ -256,7 +256,7 @@ class EpochRecorder:
             values = epoch_values(m, self.claim.attempt)
             row = {"job_id": self.claim.job_id, **values, "rendered": render_epoch(values), "created_at": utcnow()}
             if session.execute(_new_epoch(session.get_bind().dialect.name), row).rowcount == 1:
-                count_epoch(session, self.claim.worker, m.duration_s)
+                count_epoch(session, m.duration_s)  # last: it locks its bucket's row until the commit
             # else this attempt's earlier try committed the epoch, and only its acknowledgement was lost
 
 

@@ -123,8 +123,11 @@ class Store(Protocol):
     def fetch_checkpoint(self, job_id: str, epoch: int, local: Path) -> bool:
         """Copies the epoch's checkpoint to `local`; False if the store has none."""
 
-    def drop_checkpoints(self, job_id: str, keep_epoch: int | None = None) -> None:
-        """Deletes the job's checkpoints but `keep_epoch`'s (all of them when None)."""
+    def drop_checkpoint(self, job_id: str, epoch: int) -> None:
+        """Deletes the epoch's checkpoint if the store holds it: after each epoch, the one it replaced."""
+
+    def drop_checkpoints(self, job_id: str) -> None:
+        """Deletes all the job's checkpoints: once it succeeded, since a finished job never resumes."""
 
 
 def make_store(settings: "Settings") -> Store:
@@ -189,15 +192,11 @@ class LocalStore:
             shutil.copyfileobj(file, out, 1 << 20)
         return True
 
-    def drop_checkpoints(self, job_id: str, keep_epoch: int | None = None) -> None:
-        directory = self.checkpoint_dir(job_id)
-        if keep_epoch is None:
-            shutil.rmtree(directory, ignore_errors=True)
-            return
-        keep = checkpoint_name(keep_epoch)
-        for old in directory.glob("epoch-*.safetensors"):
-            if old.name != keep:
-                old.unlink(missing_ok=True)
+    def drop_checkpoint(self, job_id: str, epoch: int) -> None:
+        self.checkpoint_path(job_id, epoch).unlink(missing_ok=True)
+
+    def drop_checkpoints(self, job_id: str) -> None:
+        shutil.rmtree(self.checkpoint_dir(job_id), ignore_errors=True)
 
     def _open_inside(self, path: Path) -> BinaryIO | None:
         """Walks from the root one directory at a time, following no symlink on the way or at the end."""
@@ -288,16 +287,26 @@ class S3Store:
             shutil.copyfileobj(file, out, 1 << 20)
         return True
 
-    def drop_checkpoints(self, job_id: str, keep_epoch: int | None = None) -> None:
-        """Best effort: a checkpoint left behind costs only storage (the database names the one to resume from),
-        so failing to delete it is logged, not raised."""
+    # Both best effort: a checkpoint left behind costs only storage (the database names the one to resume from),
+    # so failing to delete it is logged, not raised.
+
+    def drop_checkpoint(self, job_id: str, epoch: int) -> None:
+        """One DELETE (S3 answers it alike whether the key exists), where listing the job's checkpoints to keep one
+        took a LIST and a DELETE every epoch."""
+        key = f"{self.prefix}{checkpoints_key(job_id)}/{checkpoint_name(epoch)}"
+        try:
+            with self._errors(f"deleting {key}"):
+                self.client.delete_object(Bucket=self.bucket, Key=key)
+        except StoreUnavailable as exc:
+            log.warning("%s", exc)
+
+    def drop_checkpoints(self, job_id: str) -> None:
         directory = f"{self.prefix}{checkpoints_key(job_id)}/"
-        keep = None if keep_epoch is None else directory + checkpoint_name(keep_epoch)
         try:
             with self._errors(f"deleting the checkpoints under {directory}"):
                 for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket,
                                                                                   Prefix=directory):
-                    old = [{"Key": o["Key"]} for o in page.get("Contents", []) if o["Key"] != keep]
+                    old = [{"Key": o["Key"]} for o in page.get("Contents", [])]
                     if old:  # a page holds at most 1000 keys, as many as one delete_objects takes
                         self.client.delete_objects(Bucket=self.bucket, Delete={"Objects": old, "Quiet": True})
         except StoreUnavailable as exc:

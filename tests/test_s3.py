@@ -115,10 +115,25 @@ def test_checkpoints_put_fetch_and_drop(store, s3_url, prefix, tmp_path):
                                lambda: {key.removeprefix(directory) for key in keys(s3_url, prefix)})
 
 
+def test_each_epoch_drops_the_checkpoint_it_replaced_in_one_request(store, s3_url, prefix, tmp_path):
+    # The worker's per-epoch cleanup, as the worker calls it: one DELETE, where listing the job's checkpoints to
+    # keep the newest cost a LIST and a DELETE every epoch.
+    job_id = str(uuid.uuid4())
+    for epoch in (1, 2):
+        (tmp_path / "c").write_bytes(b"c")
+        store.put_checkpoint(job_id, epoch, tmp_path / "c")
+    sent: list[str] = []
+    store.client.meta.events.register("before-send.s3", lambda request, **_: sent.append(request.method))
+    store.drop_checkpoint(job_id, 1)
+    assert sent == ["DELETE"]
+    assert keys(s3_url, prefix) == {f"{prefix}/jobs/{job_id}/checkpoints/{checkpoint_name(2)}"}
+
+
 @pytest.mark.parametrize("job_id", ["../x", str(uuid.uuid4()).upper(), f"{uuid.uuid4()}/..", ""])
 def test_keys_come_from_canonical_ids_only(store, job_id, tmp_path):
     for call in (lambda: store.open_artifact(job_id, WEIGHTS), lambda: store.open_dataset(job_id),
-                 lambda: store.put_checkpoint(job_id, 1, tmp_path / "c"), lambda: store.drop_checkpoints(job_id)):
+                 lambda: store.put_checkpoint(job_id, 1, tmp_path / "c"), lambda: store.drop_checkpoints(job_id),
+                 lambda: store.drop_checkpoint(job_id, 1)):
         with pytest.raises(ValueError):
             call()
     with pytest.raises(ValueError):
@@ -150,8 +165,10 @@ def test_failures_are_sentences(s3_url, tmp_path, monkeypatch):
 def test_dropping_checkpoints_is_best_effort(caplog):
     """A checkpoint left behind only costs storage; failing to delete it must not fail the job."""
     with caplog.at_level(logging.WARNING, logger="kiln.storage"):
-        S3Store(BUCKET, "", f"http://127.0.0.1:{free_port()}").drop_checkpoints(str(uuid.uuid4()), keep_epoch=2)
-    assert "S3 is unreachable" in caplog.text
+        nobody = S3Store(BUCKET, "", f"http://127.0.0.1:{free_port()}")
+        nobody.drop_checkpoint(str(uuid.uuid4()), 2)
+        nobody.drop_checkpoints(str(uuid.uuid4()))
+    assert caplog.text.count("S3 is unreachable") == 2
 
 
 # --- end to end: an API and workers that share nothing but the bucket ----------------------------------------

@@ -240,8 +240,11 @@ class EpochRecorder:
         _retrying(lambda: self.store.put_checkpoint(self.claim.job_id, m.epoch, local), self.settings,
                   f"storing the epoch-{m.epoch} checkpoint")
         _retrying(lambda: self._commit(m), self.settings, f"recording epoch {m.epoch}")
-        # Only now is the new checkpoint the one a resumed attempt would use.
-        self.store.drop_checkpoints(self.claim.job_id, keep_epoch=m.epoch)
+        # Only now is the new checkpoint the one a resumed attempt would use, and the one it replaces, the previous
+        # epoch's (this attempt's, or the one it resumed from), can go. A checkpoint stored by an attempt that lost
+        # its lease before recording it is overwritten by the next attempt's of the same epoch, then dropped.
+        if m.epoch > 1:
+            self.store.drop_checkpoint(self.claim.job_id, m.epoch - 1)
         log.info("job %s attempt %d epoch %d train_loss %.4f", self.claim.job_id, self.claim.attempt, m.epoch,
                  m.train_loss)
 

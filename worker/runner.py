@@ -3,7 +3,7 @@
 Celery delivers at least once, so everything here is safe to run twice: the claim is one conditional
 UPDATE that only one delivery can win, and every later write is fenced by the lease token it got.
 Each epoch: checkpoint written to local scratch and put in the artifact store (whole, or not at all) -> metrics
-row and checkpoint epoch in one fenced transaction -> older checkpoints deleted. A new attempt, on any worker,
+row and checkpoint epoch in one fenced transaction -> the checkpoint it replaced deleted. A new attempt, on any worker,
 fetches the checkpoint the database recorded from the store and resumes from it.
 """
 
